@@ -1,0 +1,1 @@
+"""Fused Triton kernels for H-LoRA, installed as ``hlora.kernels`` (never a top-level ``kernels``)."""
