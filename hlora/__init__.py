@@ -1,0 +1,58 @@
+"""hlora: H-LoRA mixture-of-LoRA-experts plugins for any PyTorch / Hugging Face model.
+
+    config = hlora.HLoRAConfig(plugins={"comp": hlora.PluginConfig(64, 4, 128),
+                                        "gen": hlora.PluginConfig(256, 4, 512)},
+                               target_modules="all-linear")
+    hlora.inject(model, config)
+    hlora.set_task(model, ["comp", "gen", "comp"])   # one task per sample of the next batch
+    hlora.save(model, "ckpt")
+"""
+
+from . import functional
+from .config import HLoRAConfig, PluginConfig
+from .interop import from_peft
+from .io import CheckpointError, load, plugin_state_dict, save
+from .layer import AdapterLayer, HLoRALinear, LoRALinear, MoELoRALinear
+from .model import (
+    adapter_layers,
+    get_config,
+    get_task,
+    inject,
+    merge,
+    print_trainable_parameters,
+    set_task,
+    set_trainable,
+    task,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PluginConfig",
+    "HLoRAConfig",
+    "inject",
+    "unload",
+    "set_task",
+    "get_task",
+    "task",
+    "set_trainable",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "merge",
+    "unmerge",
+    "save",
+    "load",
+    "plugin_state_dict",
+    "from_peft",
+    "CheckpointError",
+    "adapter_layers",
+    "get_config",
+    "AdapterLayer",
+    "HLoRALinear",
+    "MoELoRALinear",
+    "LoRALinear",
+    "functional",
+]

@@ -85,7 +85,7 @@ def hlora_linear(
     experts: Sequence[int],
     scales: Sequence[float],
     token_plugin: torch.Tensor | None = None,
-    dropout: float = 0.0,
+    dropout: float | Sequence[float] = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
     """Base linear plus the routed H-LoRA mixture (module docstring has the formula).
@@ -97,18 +97,25 @@ def hlora_linear(
         ranks, experts, scales: per plugin total rank R_p, expert count k_p and scale s_p.
         token_plugin: int tensor [T] (T = x.numel() // d_in) with each token's plugin index, -1 for
             none; ``None`` routes every token to plugin 0 (the usual one-task batch).
-        dropout: probability, applied in rank space when ``training``.
+        dropout: probability (one for all plugins, or one per plugin), applied in rank space when
+            ``training``.
     """
     ranks, experts, scales = tuple(int(r) for r in ranks), tuple(int(k) for k in experts), tuple(float(s) for s in scales)
+    dropouts = (float(dropout),) * len(ranks) if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
+    if len(dropouts) != len(ranks):
+        raise ValueError(f"got {len(dropouts)} dropout probabilities for {len(ranks)} plugins")
+    if not training:
+        dropouts = (0.0,) * len(ranks)
     _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin)
     name = backend()
-    if name == "triton" or (name == "auto" and x.is_cuda and _kernels_available()):
+    # The kernels take one dropout probability; plugins with different ones take the reference path.
+    if name == "triton" or (name == "auto" and x.is_cuda and len(set(dropouts)) == 1 and _kernels_available()):
+        if len(set(dropouts)) != 1:
+            raise ValueError(f"HLORA_BACKEND=triton needs one dropout for all routed plugins, got {dropouts}")
         from hlora.kernels import fused_hlora_linear
 
-        return fused_hlora_linear(
-            x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropout if training else 0.0
-        )
-    return _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropout, training)
+        return fused_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts[0])
+    return _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
 
 
 def _kernels_available() -> bool:
@@ -119,7 +126,7 @@ def _kernels_available() -> bool:
     return True
 
 
-def _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropout, training):
+def _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts):
     """Reference path: one GEMM for [A; router], a view-based gate, one GEMM for B."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d_in)
@@ -127,11 +134,13 @@ def _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, t
     u_logits = x2 @ torch.cat([A, router]).to(x.dtype).t()  # [T, R + K]
     u, logits = u_logits[:, :R], u_logits[:, R:]
     hs, r0, k0 = [], 0, 0
-    for p, (R_p, k_p, s_p) in enumerate(zip(ranks, experts, scales)):
+    for p, (R_p, k_p, s_p, p_drop) in enumerate(zip(ranks, experts, scales, dropouts)):
         g = router_gates(logits[:, k0 : k0 + k_p])
         if token_plugin is not None:
             g = g * (token_plugin == p).unsqueeze(-1).to(g.dtype)
-        u_p = F.dropout(u[:, r0 : r0 + R_p] * s_p, dropout, training) if dropout > 0 else u[:, r0 : r0 + R_p] * s_p
+        u_p = u[:, r0 : r0 + R_p] * s_p
+        if p_drop > 0:
+            u_p = F.dropout(u_p, p_drop, training=True)
         h_p = u_p.view(-1, k_p, R_p // k_p) * g.to(u_p.dtype).unsqueeze(-1)
         hs.append(h_p.view(-1, R_p))
         r0, k0 = r0 + R_p, k0 + k_p

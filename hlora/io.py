@@ -1,0 +1,168 @@
+"""Saving and loading plugins as ``hlora_config.json`` + ``hlora_model.safetensors``.
+
+The safetensors file also carries the config in its metadata, so the one file that is replaced
+atomically is a complete checkpoint on its own: a crash mid-save leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import CONFIG_NAME, HLoRAConfig
+from .model import _find_modules_to_save, _named_adapter_layers, get_config, inject, unload
+
+__all__ = ["save", "load", "WEIGHTS_NAME", "CheckpointError", "plugin_state_dict"]
+
+WEIGHTS_NAME = "hlora_model.safetensors"
+_META_KEY = "hlora_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the keys."""
+
+
+def _subset(config: HLoRAConfig, plugins) -> HLoRAConfig:
+    if plugins is None:
+        return config
+    unknown = [p for p in plugins if p not in config.plugins]
+    if unknown:
+        raise CheckpointError(f"unknown plugin(s) {unknown}; available: {config.plugin_names}")
+    data = config.to_dict()
+    data["plugins"] = {n: data["plugins"][n] for n in config.plugin_names if n in plugins}
+    return HLoRAConfig.from_dict(data)
+
+
+def plugin_state_dict(model: nn.Module, plugins=None) -> dict:
+    """name -> tensor of the given plugins' parameters plus the config's ``modules_to_save``."""
+    config = get_config(model)
+    if config is None:
+        raise RuntimeError(f"{type(model).__name__} has no hlora plugins to save")
+    names = set(_subset(config, plugins).plugin_names)
+    state = {}
+    for path, layer in _named_adapter_layers(model):
+        for pname, plugin in layer.plugins.items():
+            if pname in names:
+                for key, t in plugin.state_dict().items():
+                    state[f"{path}.plugins.{pname}.{key}"] = t
+    for path in _find_modules_to_save(model, config):
+        for key, t in model.get_submodule(path).state_dict().items():
+            state[f"{path}.{key}"] = t
+    return state
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
+    """Write the plugins (all, or the named ones) and ``modules_to_save`` to directory ``path``."""
+    config = get_config(model)
+    if config is None:
+        raise RuntimeError(f"{type(model).__name__} has no hlora plugins to save")
+    sub = _subset(config, plugins)
+    os.makedirs(path, exist_ok=True)
+    # safetensors refuses tensors that share memory (tied embeddings): save contiguous copies
+    state = {k: v.detach().contiguous().clone() for k, v in plugin_state_dict(model, plugins).items()}
+    meta = {_META_KEY: sub.to_json(), "format": "pt"}
+    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=meta))
+    _atomic_write(os.path.join(path, CONFIG_NAME), lambda tmp: open(tmp, "w").write(sub.to_json()))
+    return str(path)
+
+
+def _read_checkpoint(path) -> tuple:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}: not an hlora checkpoint directory")
+    with safe_open(weights, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = HLoRAConfig.from_json(meta[_META_KEY]) if _META_KEY in meta else HLoRAConfig.load(path)
+    return config, tensors
+
+
+def _compatible(have: HLoRAConfig, want: HLoRAConfig) -> None:
+    if have.variant != want.variant:
+        raise CheckpointError(f"checkpoint variant {want.variant!r} does not match the model's {have.variant!r}")
+    for name, cfg in want.plugins.items():
+        if name not in have.plugins:
+            raise CheckpointError(
+                f"checkpoint plugin {name!r} is not in the model (plugins {have.plugin_names}); "
+                f"load into a model without plugins to inject the checkpoint's config"
+            )
+        if have.plugins[name] != cfg:
+            raise CheckpointError(f"plugin {name!r}: checkpoint config {cfg} differs from the model's {have.plugins[name]}")
+
+
+def load(model: nn.Module, path: str | os.PathLike, plugins=None, strict: bool = True) -> nn.Module:
+    """Load a checkpoint saved by ``save``: injects the checkpoint's config if the model has no
+    plugins yet, then copies the tensors.
+
+    Every key and shape is checked before any value is copied; on any error the model is left
+    exactly as it was (an injection done here is undone). ``strict=False`` tolerates missing and
+    unexpected keys but never a shape mismatch.
+    """
+    ckpt_config, tensors = _read_checkpoint(path)
+    wanted = _subset(ckpt_config, plugins)
+    prefixes = tuple(f".plugins.{n}." for n in ckpt_config.plugin_names if n not in wanted.plugins)
+    tensors = {k: v for k, v in tensors.items() if not any(p in k for p in prefixes)}
+    return load_plugin_state(model, wanted, tensors, strict=strict, source=str(path))
+
+
+@torch.no_grad()
+def load_plugin_state(model: nn.Module, config: HLoRAConfig, tensors: dict, strict: bool = True, source: str = "state dict"):
+    """Copy ``tensors`` (keys as ``plugin_state_dict`` names them) into ``model``, injecting ``config``
+    first when the model has no plugins; all-or-nothing as ``load`` describes."""
+    injected_here = get_config(model) is None
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    if injected_here:
+        inject(model, config)
+    try:
+        _compatible(get_config(model), config)
+        expected = plugin_state_dict(model, config.plugin_names)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        shapes = [
+            f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(expected) & set(tensors))
+            if tensors[k].shape != expected[k].shape
+        ]
+        problems = []
+        if shapes:
+            problems.append("shape mismatch: " + _listing(shapes))
+        if strict and missing:
+            problems.append(f"missing keys ({len(missing)}): " + _listing(missing))
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): " + _listing(unexpected))
+        if problems:
+            raise CheckpointError(f"cannot load {source} into {type(model).__name__}: " + " | ".join(problems))
+    except BaseException:
+        if injected_here:
+            unload(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(requires_grad[n])
+        raise
+    for k, t in expected.items():
+        if k in tensors:
+            t.copy_(tensors[k].to(t.dtype))
+    return model
+
+
+def _listing(items: list, most: int = 10) -> str:
+    return ", ".join(items[:most]) + (f" (+{len(items) - most} more)" if len(items) > most else "")

@@ -1,0 +1,301 @@
+"""Adapted layers: a frozen base linear plus named plugins, routed per model or per sample.
+
+``AdapterLayer`` owns what every variant shares: the base weight (the same ``Parameter`` objects as
+the module it replaced, so base state-dict keys do not change), the routing state, merging.
+Subclasses say how one plugin is stored and computed:
+
+- ``HLoRALinear``: H-LoRA, experts concatenated, all plugins through ``hlora.functional.hlora_linear``.
+- ``MoELoRALinear``: the same mixture with k separate experts computed one by one (baseline).
+- ``LoRALinear``: plain LoRA of the same total rank and scale (baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PluginConfig
+from .functional import hlora_linear, router_gates
+
+__all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable"]
+
+
+def _conv1d_cls():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain PyTorch models
+        return None
+    return Conv1D
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """``nn.Linear`` (or a subclass that keeps its forward) or transformers' ``Conv1D``."""
+    conv1d = _conv1d_cls()
+    if conv1d is not None and isinstance(module, conv1d):
+        return True
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _kaiming(t: torch.Tensor) -> torch.Tensor:
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class Plugin(nn.Module):
+    """One task's H-LoRA parameters: ``A`` [R, d_in], ``B`` [d_out, R], ``router`` [k, d_in]."""
+
+    def __init__(self, cfg: PluginConfig, d_in: int, d_out: int, *, device=None, dtype=None):
+        super().__init__()
+        self.rank, self.num_experts, self.scale, self.dropout = cfg.rank, cfg.num_experts, cfg.scale, cfg.dropout
+        kw = dict(device=device, dtype=dtype)
+        self.A = nn.Parameter(torch.empty(cfg.rank, d_in, **kw))
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.rank, **kw))
+        self.router = nn.Parameter(torch.empty(cfg.num_experts, d_in, **kw))
+        with torch.no_grad():
+            if cfg.init == "gaussian":
+                nn.init.normal_(self.A, std=1.0 / cfg.expert_rank)
+            else:
+                _kaiming(self.A)
+            _kaiming(self.router)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, the exact weight update when k = 1 (the softmax over one expert is 1)."""
+        if self.num_experts != 1:
+            raise ValueError(f"merging is exact only for k = 1; this plugin has {self.num_experts} experts")
+        return self.scale * (self.B.double() @ self.A.double())
+
+
+class _MoEExpert(nn.Module):
+    def __init__(self, r: int, d_in: int, d_out: int, **kw):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.B = nn.Parameter(torch.zeros(d_out, r, **kw))
+
+
+class MoEPlugin(nn.Module):
+    """k separate experts ``experts[i].A`` [r, d_in], ``experts[i].B`` [d_out, r] and a ``router``."""
+
+    def __init__(self, cfg: PluginConfig, d_in: int, d_out: int, *, device=None, dtype=None):
+        super().__init__()
+        self.rank, self.num_experts, self.scale, self.dropout = cfg.rank, cfg.num_experts, cfg.scale, cfg.dropout
+        kw = dict(device=device, dtype=dtype)
+        self.experts = nn.ModuleList(_MoEExpert(cfg.expert_rank, d_in, d_out, **kw) for _ in range(cfg.num_experts))
+        self.router = nn.Parameter(torch.empty(cfg.num_experts, d_in, **kw))
+        with torch.no_grad():
+            for e in self.experts:
+                if cfg.init == "gaussian":
+                    nn.init.normal_(e.A, std=1.0 / cfg.expert_rank)
+                else:
+                    _kaiming(e.A)
+            _kaiming(self.router)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.num_experts != 1:
+            raise ValueError(f"merging is exact only for k = 1; this plugin has {self.num_experts} experts")
+        e = self.experts[0]
+        return self.scale * (e.B.double() @ e.A.double())
+
+
+class LoRAPlugin(nn.Module):
+    """Plain LoRA: ``A`` [R, d_in], ``B`` [d_out, R], ``scale = alpha / (R / k)`` like H-LoRA."""
+
+    def __init__(self, cfg: PluginConfig, d_in: int, d_out: int, *, device=None, dtype=None):
+        super().__init__()
+        self.rank, self.scale, self.dropout = cfg.rank, cfg.scale, cfg.dropout
+        kw = dict(device=device, dtype=dtype)
+        self.A = nn.Parameter(torch.empty(cfg.rank, d_in, **kw))
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.rank, **kw))
+        with torch.no_grad():
+            nn.init.normal_(self.A, std=1.0 / cfg.rank) if cfg.init == "gaussian" else _kaiming(self.A)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B.double() @ self.A.double())
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base linear with named plugins.
+
+    Routing (set through ``hlora.set_task``) is layer state, not a one-shot hook, so gradient
+    checkpointing's recompute sees the same routing as the original forward:
+    ``None`` (base only), an int plugin index, or a per-sample int tensor (-1 = base only).
+    """
+
+    plugin_cls: type = Plugin
+
+    def __init__(self, base: nn.Module, plugins: dict, plugin_names: list):
+        super().__init__()
+        if not is_adaptable(base):
+            raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and transformers Conv1D are supported")
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as [d_in, d_out]
+        self.weight = base.weight
+        self.bias = base.bias
+        d_in, d_out = (base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape)
+        self.in_features, self.out_features = int(d_in), int(d_out)
+        object.__setattr__(self, "base_layer", base)  # kept outside the module tree, for unload()
+        self.plugins = nn.ModuleDict()
+        self.plugin_names = list(plugin_names)  # model-wide order: index i means plugin_names[i]
+        for name, cfg in plugins.items():
+            self.add_plugin(name, cfg)
+        self.routing = None
+        self.merged: str | None = None
+        self._token_cache: tuple | None = None
+
+    def add_plugin(self, name: str, cfg: PluginConfig) -> None:
+        if name not in self.plugin_names:
+            self.plugin_names.append(name)
+        self.plugins[name] = self.plugin_cls(
+            cfg, self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype
+        )
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as [d_out, d_in] (a transposed view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def extra_repr(self) -> str:
+        plugins = ", ".join(f"{n}(R={p.rank}, k={getattr(p, 'num_experts', 1)})" for n, p in self.plugins.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, plugins=[{plugins}]"
+
+    # ---- routing --------------------------------------------------------------------------------
+
+    def set_routing(self, routing) -> None:
+        """``None``, an int index into ``plugin_names``, or a CPU int64 tensor [batch]."""
+        self.routing = routing
+        self._token_cache = None
+
+    def _route(self, x: torch.Tensor):
+        """-> (plugin names active, per-token index into them [T] or None when all tokens share one)."""
+        routing = self.routing
+        if routing is None:
+            return [], None
+        if isinstance(routing, int):
+            return [self.plugin_names[routing]], None
+        batch = routing.numel()
+        if x.dim() < 2 or x.shape[0] != batch:
+            raise ValueError(
+                f"per-sample routing holds {batch} tasks but the layer got input of shape {tuple(x.shape)} "
+                f"(batch dimension first expected); call hlora.set_task with one task per sample of this batch"
+            )
+        active = sorted(set(routing.tolist()) - {-1})
+        names = [self.plugin_names[i] for i in active]
+        if len(active) == 1 and bool((routing == active[0]).all()):
+            return names, None
+        key = (x.device, x.shape[:-1])
+        if self._token_cache is None or self._token_cache[0] != key:
+            remap = torch.full((len(self.plugin_names) + 1,), -1, dtype=torch.int64)
+            remap[torch.tensor(active, dtype=torch.int64)] = torch.arange(len(active))
+            per_sample = remap[routing]  # -1 stays -1 (remap[-1] is the spare -1 slot)
+            per_token = per_sample.repeat_interleave(x.numel() // x.shape[-1] // batch)
+            self._token_cache = (key, per_token.to(x.device, non_blocking=True))
+        return names, self._token_cache[1]
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names, token_plugin = self._route(x)
+        if self.merged is not None:
+            if names != [self.merged] or token_plugin is not None:
+                raise RuntimeError(
+                    f"plugin {self.merged!r} is merged into the base weight; route to it alone or unmerge first"
+                )
+            names = []
+        if not names:
+            return F.linear(x, self.base_weight, self.bias)
+        return self.adapted_forward(x, names, token_plugin)
+
+    def adapted_forward(self, x, names, token_plugin):
+        raise NotImplementedError
+
+    # ---- merging --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if self.merged is not None:
+            raise RuntimeError(f"plugin {self.merged!r} is already merged; unmerge it first")
+        delta = self.plugins[name].delta_weight()  # raises unless exact
+        delta = delta.t() if self.fan_in_fan_out else delta
+        self.weight.copy_((self.weight.double() + delta).to(self.weight.dtype))
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is None:
+            raise RuntimeError("no plugin is merged into this layer")
+        delta = self.plugins[self.merged].delta_weight()
+        delta = delta.t() if self.fan_in_fan_out else delta
+        self.weight.copy_((self.weight.double() - delta).to(self.weight.dtype))
+        self.merged = None
+
+
+class HLoRALinear(AdapterLayer):
+    """H-LoRA: per plugin ``A`` [R, d_in], ``B`` [d_out, R], ``router`` [k, d_in], ``scale = alpha/(R/k)``;
+    ``y = W0 x + b + B (dropout(s A x) * repeat_interleave(softmax(router x), R/k))``."""
+
+    plugin_cls = Plugin
+
+    def adapted_forward(self, x, names, token_plugin):
+        ps = [self.plugins[n] for n in names]
+        return hlora_linear(
+            x,
+            self.base_weight,
+            self.bias,
+            _stack([p.A for p in ps]),
+            _stack([p.B for p in ps], dim=1),
+            _stack([p.router for p in ps]),
+            [p.rank for p in ps],
+            [p.num_experts for p in ps],
+            [p.scale for p in ps],
+            token_plugin,
+            [p.dropout for p in ps],
+            self.training,
+        )
+
+
+def _stack(tensors, dim=0):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _token_masks(x, names, token_plugin):
+    """Per active plugin: a [..., 1] float mask of its tokens (None when all tokens are its)."""
+    if token_plugin is None:
+        return [None]
+    shape = (*x.shape[:-1], 1)
+    return [(token_plugin == i).to(x.dtype).view(shape) for i in range(len(names))]
+
+
+class MoELoRALinear(AdapterLayer):
+    """Baseline: the H-LoRA mixture with each expert computed as its own LoRA, one after another."""
+
+    plugin_cls = MoEPlugin
+
+    def adapted_forward(self, x, names, token_plugin):
+        y = F.linear(x, self.base_weight, self.bias)
+        for name, mask in zip(names, _token_masks(x, names, token_plugin)):
+            p = self.plugins[name]
+            g = router_gates(F.linear(x, p.router)).to(x.dtype)
+            if mask is not None:
+                g = g * mask
+            for i, e in enumerate(p.experts):
+                h = F.dropout(F.linear(x, e.A) * p.scale, p.dropout, self.training)
+                y = y + F.linear(h * g[..., i : i + 1], e.B)
+        return y
+
+
+class LoRALinear(AdapterLayer):
+    """Baseline: PEFT-style LoRA, ``y = W0 x + b + s B dropout(A x)`` (no router)."""
+
+    plugin_cls = LoRAPlugin
+
+    def adapted_forward(self, x, names, token_plugin):
+        y = F.linear(x, self.base_weight, self.bias)
+        for name, mask in zip(names, _token_masks(x, names, token_plugin)):
+            p = self.plugins[name]
+            h = F.dropout(x, p.dropout, self.training) if p.dropout > 0 else x
+            d = F.linear(F.linear(h, p.A), p.B) * p.scale
+            y = y + (d if mask is None else d * mask)
+        return y
+
+
+LAYER_CLASSES = {"hlora": HLoRALinear, "moelora": MoELoRALinear, "lora": LoRALinear}
