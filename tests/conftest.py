@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random configs of real transformers classes (seconds on a CPU)."""
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(**TINY))
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(**TINY, pad_token_id=0))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(**TINY))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def _clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=7))
+
+
+TINY_MODELS = {"llama": _llama, "phi3": _phi3, "qwen2": _qwen2, "gpt2": _gpt2, "clip_vision": _clip_vision}
+
+
+@pytest.fixture
+def tiny_model():
+    """``tiny_model(name)`` builds a seeded tiny random model in eval mode."""
+    def build(name):
+        torch.manual_seed(0)
+        return TINY_MODELS[name]().eval()
+    return build
+
+
+def model_inputs(name, batch=3, seq=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "clip_vision":
+        return {"pixel_values": torch.randn(batch, 3, 28, 28, generator=g)}
+    return {"input_ids": torch.randint(0, 97, (batch, seq), generator=g)}
+
+
+def model_output(model, inputs):
+    out = model(**inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None else out.logits
+
+
+@pytest.fixture
+def inputs_for():
+    return model_inputs
+
+
+@pytest.fixture
+def output_of():
+    return model_output
