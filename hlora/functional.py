@@ -130,20 +130,18 @@ def _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, t
     """Reference path: one GEMM for [A; router], a view-based gate, one GEMM for B."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d_in)
-    R = sum(ranks)
     u_logits = x2 @ torch.cat([A, router]).to(x.dtype).t()  # [T, R + K]
-    u, logits = u_logits[:, :R], u_logits[:, R:]
-    hs, r0, k0 = [], 0, 0
-    for p, (R_p, k_p, s_p, p_drop) in enumerate(zip(ranks, experts, scales, dropouts)):
-        g = router_gates(logits[:, k0 : k0 + k_p])
+    u_all, logits_all = u_logits.split([sum(ranks), sum(experts)], dim=1)
+    hs = []
+    for p, (u, logits, k_p, s_p, p_drop) in enumerate(
+        zip(u_all.split(ranks, 1), logits_all.split(experts, 1), experts, scales, dropouts)
+    ):
+        g = router_gates(logits) * s_p  # dropout(s * u) * g == dropout(u) * (s * g): one pass fewer
         if token_plugin is not None:
             g = g * (token_plugin == p).unsqueeze(-1).to(g.dtype)
-        u_p = u[:, r0 : r0 + R_p] * s_p
         if p_drop > 0:
-            u_p = F.dropout(u_p, p_drop, training=True)
-        h_p = u_p.view(-1, k_p, R_p // k_p) * g.to(u_p.dtype).unsqueeze(-1)
-        hs.append(h_p.view(-1, R_p))
-        r0, k0 = r0 + R_p, k0 + k_p
+            u = F.dropout(u, p_drop, training=True)
+        hs.append((u.reshape(-1, k_p, u.shape[1] // k_p) * g.to(u.dtype).unsqueeze(-1)).view(-1, u.shape[1]))
     h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
     y = F.linear(x2, weight, bias)
     y = torch.addmm(y, h, B.to(h.dtype).t())
