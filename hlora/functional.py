@@ -66,6 +66,8 @@ def _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin):
     for r, k in zip(ranks, experts):
         if k < 1 or r % k:
             raise ValueError(f"plugin rank {r} is not divisible by its {k} experts")
+    if token_plugin is None and len(ranks) > 1:
+        raise ValueError(f"{len(ranks)} plugins are stacked but token_plugin is None: say which tokens take which")
     if token_plugin is not None:
         T = x.numel() // d_in
         if token_plugin.dim() != 1 or token_plugin.numel() != T:
@@ -96,7 +98,7 @@ def hlora_linear(
         A: [sum(ranks), d_in]; B: [d_out, sum(ranks)]; router: [sum(experts), d_in].
         ranks, experts, scales: per plugin total rank R_p, expert count k_p and scale s_p.
         token_plugin: int tensor [T] (T = x.numel() // d_in) with each token's plugin index, -1 for
-            none; ``None`` routes every token to plugin 0 (the usual one-task batch).
+            none; ``None`` (one plugin only) routes every token to it, the usual one-task batch.
         dropout: probability (one for all plugins, or one per plugin), applied in rank space when
             ``training``.
     """
@@ -108,13 +110,10 @@ def hlora_linear(
         dropouts = (0.0,) * len(ranks)
     _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin)
     name = backend()
-    # The kernels take one dropout probability; plugins with different ones take the reference path.
-    if name == "triton" or (name == "auto" and x.is_cuda and len(set(dropouts)) == 1 and _kernels_available()):
-        if len(set(dropouts)) != 1:
-            raise ValueError(f"HLORA_BACKEND=triton needs one dropout for all routed plugins, got {dropouts}")
+    if name == "triton" or (name == "auto" and x.is_cuda and _kernels_available()):
         from hlora.kernels import fused_hlora_linear
 
-        return fused_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts[0])
+        return fused_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
     return _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
 
 

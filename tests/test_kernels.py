@@ -1,0 +1,439 @@
+"""Fused Triton H-LoRA kernels (``hlora.kernels``) against an independent float64 reference.
+
+On a CPU the kernels run in the Triton interpreter: ``TRITON_INTERPRET=1`` is set here, before
+the first kernel call defines them (``hlora.kernels`` imports its Triton module lazily; if another
+test already imported it without the interpreter it is reloaded). On a GPU the same tests run
+compiled kernels. Every call goes through ``hlora.functional.hlora_linear`` with
+``HLORA_BACKEND=triton`` unless it tests a launcher, and ``HLORA_KERNELS_POISON=1`` makes every
+kernel output start as NaN, so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+    _loaded = sys.modules.get("hlora.kernels.fused_linear")
+    if _loaded is not None and not _loaded.INTERPRET:
+        importlib.reload(_loaded)
+
+from hlora.functional import hlora_linear  # noqa: E402
+from hlora.kernels import fused_hlora_linear  # noqa: E402
+
+fused_linear = importlib.import_module("hlora.kernels.fused_linear")
+
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# max |error| allowed, relative to the largest |value| of the float64 reference tensor
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("HLORA_BACKEND", "triton")
+    monkeypatch.setenv("HLORA_KERNELS_POISON", "1")
+
+
+# ----------------------------------------------------------------------------------------------
+# independent float64 reference (not the repo's torch path)
+# ----------------------------------------------------------------------------------------------
+
+
+def reference(x, W, b, A, B, router, ranks, experts, scales, tp, keep=None, dropouts=None):
+    """y for x [T, D] in float64; ``keep`` [T, R] is a dropout keep mask (1/0) with ``dropouts``."""
+    T = x.shape[0]
+    y = x @ W.t()
+    if b is not None:
+        y = y + b
+    r0 = k0 = 0
+    for q, (R_q, k_q, s_q) in enumerate(zip(ranks, experts, scales)):
+        logits = x @ router[k0 : k0 + k_q].t()
+        z = logits - logits.max(dim=1, keepdim=True).values.detach()
+        z = torch.where(z < -60, torch.full_like(z, float("-inf")), z)
+        g = torch.softmax(z, dim=1)
+        routed = (tp == q) if tp is not None else torch.full((T,), q == 0, device=x.device)
+        g = g * routed[:, None].to(g.dtype)
+        u = s_q * (x @ A[r0 : r0 + R_q].t())
+        if keep is not None:
+            u = u * keep[:, r0 : r0 + R_q] / (1.0 - dropouts[q])
+        h = (u.view(T, k_q, R_q // k_q) * g[:, :, None]).reshape(T, R_q)
+        y = y + h @ B[:, r0 : r0 + R_q].t()
+        r0, k0 = r0 + R_q, k0 + k_q
+    return y
+
+
+def make_case(T, D, N, ranks, experts, dtype, param_dtype=torch.float32, bias=True, conv1d=False, seed=0):
+    """Random non-zero inputs; every value is representable in ``dtype`` (the kernels round the
+    float32 adapter weights to x's dtype tile by tile, as the reference path does)."""
+    g = torch.Generator().manual_seed(seed)
+    R, K = sum(ranks), sum(experts)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        v = (torch.randn(*shape, generator=g) * scale).to(dtype)
+        return v.to(dt).to(DEV)
+
+    case = dict(
+        x=rnd(T, D),
+        W=rnd(D, N, scale=D**-0.5).t() if conv1d else rnd(N, D, scale=D**-0.5),  # Conv1D: a transposed view
+        b=rnd(N) if bias else None,
+        A=rnd(R, D, scale=D**-0.5, dt=param_dtype),
+        B=rnd(N, R, scale=R**-0.5, dt=param_dtype),
+        router=rnd(K, D, scale=2 * D**-0.5, dt=param_dtype),
+    )
+    return case
+
+
+def run(case, ranks, experts, scales, tp=None, dropout=0.0, training=False, lead=None):
+    """Kernel forward + backward of sum(y * w): (y, w, {name: grad})."""
+    x = case["x"].clone().requires_grad_()
+    params = {k: case[k].clone().requires_grad_() for k in ("A", "B", "router")}
+    xin = x.view(*lead, x.shape[-1]) if lead else x
+    y = hlora_linear(xin, case["W"], case["b"], params["A"], params["B"], params["router"],
+                     ranks, experts, scales, tp, dropout, training)
+    y = y.reshape(-1, y.shape[-1])
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEV, y.dtype)
+    (y.float() * w.float()).sum().backward()
+    grads = {"x": x.grad, **{k: p.grad for k, p in params.items()}}
+    return y.detach(), w, grads
+
+
+def reference_run(case, w, ranks, experts, scales, tp=None, keep=None, dropouts=None):
+    c = {k: (v.detach().double() if v is not None else None) for k, v in case.items()}
+    leaves = {k: c[k].clone().requires_grad_() for k in ("x", "A", "B", "router")}
+    y = reference(leaves["x"], c["W"], c["b"], leaves["A"], leaves["B"], leaves["router"],
+                  ranks, experts, scales, tp, keep, dropouts)
+    (y * w.double()).sum().backward()
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def assert_near(actual, expected, tol, what):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward and gradients
+# ----------------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (T, D, N, ranks, experts, scales, routing, extra)
+    "one-token": (1, 19, 23, (8,), (2,), (2.0,), None, {}),
+    "two-plugins-mixed": (7, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [0, 1, -1, 1, 0, -1, 1], {}),
+    "conv1d-batched-nobias": (6, 19, 23, (6,), (2,), (1.5,), None, dict(conv1d=True, bias=False, lead=(2, 3))),
+    "tiles-and-odd-ranks": (40, 37, 33, (12, 4), (3, 4), (1.0, 3.0), "random", dict(param_dtype=None)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_float64(name, dtype):
+    T, D, N, ranks, experts, scales, routing, extra = CASES[name]
+    extra = dict(extra)
+    lead = extra.pop("lead", None)
+    if extra.get("param_dtype", 0) is None:
+        extra["param_dtype"] = dtype  # adapter weights in x's dtype too
+    case = make_case(T, D, N, ranks, experts, dtype, **extra)
+    if routing == "random":
+        tp = torch.randint(-1, len(ranks), (T,), generator=torch.Generator().manual_seed(2)).to(DEV)
+    elif routing is not None:
+        tp = torch.tensor(routing, device=DEV)
+    else:
+        tp = None
+    y, w, grads = run(case, ranks, experts, scales, tp, lead=lead)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+
+    assert y.dtype == dtype and y.shape == (T, N)
+    tol = TOL[dtype]
+    assert_near(y, y_ref, tol, "y")
+    for k in ("x", "A", "B", "router"):
+        assert grads[k].dtype == case[k].dtype, k
+        assert_near(grads[k], g_ref[k], 2 * tol, f"d{k}")
+    # the adapter really contributes (B is non-zero), so the comparison above is not vacuous
+    base = case["x"].double() @ case["W"].double().t()
+    assert (y_ref - base).abs().max() > 0.05 * y_ref.abs().max()
+
+    if tp is not None and bool((tp == -1).any()):
+        # tokens routed to no plugin get exactly the base output of the same kernels
+        with torch.no_grad():
+            y_base = hlora_linear(case["x"], case["W"], case["b"], case["A"], case["B"], case["router"],
+                                  ranks, experts, scales, torch.full_like(tp, -1))
+        assert torch.equal(y[tp == -1], y_base[tp == -1])
+
+
+def test_unrouted_tokens_are_the_base_layer_exactly():
+    dtype = torch.float32
+    ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
+    case = make_case(5, 19, 23, ranks, experts, dtype)
+    tp = torch.full((5,), -1, device=DEV)
+    y, w, grads = run(case, ranks, experts, scales, tp)
+    zero_adapter = {**case, "B": torch.zeros_like(case["B"])}
+    y0, _, _ = run(zero_adapter, ranks, experts, scales, torch.zeros(5, dtype=torch.int64, device=DEV))
+    assert torch.equal(y, y0)
+    for k in ("A", "B", "router"):
+        assert torch.equal(grads[k], torch.zeros_like(grads[k])), k
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert_near(y, y_ref, TOL[dtype], "y")
+    assert_near(grads["x"], g_ref["x"], TOL[dtype], "dx")
+
+
+def test_stacked_plugins_without_a_routing_tensor_are_refused():
+    ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
+    case = make_case(6, 19, 23, ranks, experts, torch.float32)
+    args = (case["x"], case["W"], case["b"], case["A"], case["B"], case["router"], ranks, experts, scales)
+    with pytest.raises(ValueError, match="token_plugin is None"):
+        hlora_linear(*args, None)
+
+
+def test_summed_output_gradient_with_stride_zero():
+    """y.sum() hands the backward an expanded (stride 0) dy."""
+    ranks, experts, scales = (12,), (3,), (2.0,)
+    case = make_case(7, 19, 23, ranks, experts, torch.float32)
+    x = case["x"].clone().requires_grad_()
+    A = case["A"].clone().requires_grad_()
+    y = hlora_linear(x, case["W"], case["b"], A, case["B"], case["router"], ranks, experts, scales)
+    y.sum().backward()
+    ones = torch.ones(7, 23, dtype=torch.float64, device=DEV)
+    _, g_ref = reference_run(case, ones, ranks, experts, scales)
+    assert_near(x.grad, g_ref["x"], 4e-5, "dx")
+    assert_near(A.grad, g_ref["A"], 4e-5, "dA")
+
+
+def test_peaked_router_flushes_tiny_gates():
+    """A logit 70 below the row max gets exactly zero weight: its gate exp(-70) ~ 4e-31 would still be
+    a normal float32, so only the flush makes the router gradient of this one token exactly zero."""
+    ranks, experts, scales = (8,), (2,), (1.0,)
+    case = make_case(1, 19, 23, ranks, experts, torch.float32)
+    x0 = case["x"][0]
+    case["router"][1] = case["router"][0] - 70 * x0 / x0.norm() ** 2
+    y, w, grads = run(case, ranks, experts, scales)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales)
+    assert_near(y, y_ref, 1e-5, "y")
+    assert torch.equal(grads["router"], torch.zeros_like(grads["router"]))
+    assert torch.equal(g_ref["router"], torch.zeros_like(g_ref["router"]))
+
+
+def test_gemm_split_k_and_transposed_operands():
+    """The one GEMM kernel: both K pairs, bias, transposed views, and K1 split over programs."""
+    g = torch.Generator().manual_seed(3)
+    a1 = torch.randn(45, 21, generator=g).to(DEV)
+    b1 = torch.randn(21, 33, generator=g).to(DEV).t()  # [33, 21], column-major
+    a2 = torch.randn(9, 45, generator=g).to(DEV).t()  # [45, 9], column-major
+    b2 = torch.randn(33, 9, generator=g).to(DEV)
+    bias = torch.randn(33, generator=g).to(DEV)
+    expected = a1.double() @ b1.double().t() + a2.double() @ b2.double().t() + bias.double()
+    c = fused_linear.gemm(a1, b1, a2, b2, bias, out_dtype=torch.float32, dot_dtype=torch.float32)
+    assert_near(c, expected, 1e-5, "extended-K GEMM")
+    # weight-gradient form: the long token axis is the reduction, split in 3 slices (also on a GPU,
+    # where slices are multiples of 256)
+    dy, h = torch.randn(600, 33, generator=g).to(DEV), torch.randn(600, 9, generator=g).to(DEV)
+    for split in (1, 3):
+        c = fused_linear.gemm(dy.t(), h.t(), out_dtype=torch.float32, dot_dtype=torch.float32, split_k=split)
+        assert_near(c, dy.double().t() @ h.double(), 1e-5, f"split {split}")
+
+
+def test_poisoned_allocation_is_active():
+    t = fused_linear._empty((3, 2), torch.float32, torch.device(DEV))
+    assert torch.isnan(t).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout: Philox mask from one seed drawn from torch's default generator
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe_mask(ranks, experts, scales, dropouts, T=48, seed=0):
+    """Recover the rank-space dropout mask of the call made after ``torch.manual_seed(seed)``:
+    with W0 = 0 and B = [I; 0] the output is h itself. (Per-plugin probabilities go straight to
+    ``fused_hlora_linear``: ``hlora_linear`` sends those to the reference path.)"""
+    R, K, D = sum(ranks), sum(experts), 19
+    case = make_case(T, D, R + 3, ranks, experts, torch.float32, bias=False)
+    case["W"] = torch.zeros_like(case["W"])
+    case["B"] = torch.eye(R + 3, R, device=DEV)
+    tp = torch.arange(T, device=DEV) % len(ranks)
+    args = (case["x"], case["W"], None, case["A"], case["B"], case["router"], ranks, experts, scales, tp)
+    with torch.no_grad():
+        h_full = hlora_linear(*args, 0.0, True)
+        torch.manual_seed(seed)
+        if len(set(dropouts)) == 1:
+            h_drop = hlora_linear(*args, dropouts[0], True)
+        else:
+            h_drop = fused_hlora_linear(*args, dropouts)
+    assert torch.equal(h_drop[:, R:], torch.zeros(T, 3, device=DEV))
+    h_full, h_drop = h_full[:, :R], h_drop[:, :R]
+    live = h_full != 0
+    p = torch.tensor([dropouts[q] for q, R_q in enumerate(ranks) for _ in range(R_q)], device=DEV)
+    keep = (h_drop != 0) | ~live
+    # every live value is either dropped or scaled by exactly 1 / (1 - p)
+    torch.testing.assert_close(torch.where(keep, h_drop, 0.0), torch.where(keep, h_full / (1 - p), 0.0))
+    return keep.to(torch.float64), live, tp
+
+
+def test_dropout_mask_is_seeded_and_unbiased():
+    ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
+    keep, live, _ = _probe_mask(ranks, experts, scales, (0.25, 0.25), T=64)
+    frac = keep[live].mean().item()
+    assert abs(frac - 0.75) < 0.06, frac
+    assert not torch.equal(keep[0], keep[2]) and not torch.equal(keep[:, 0], keep[:, 1])
+    keep_again, _, _ = _probe_mask(ranks, experts, scales, (0.25, 0.25), T=64)
+    assert torch.equal(keep, keep_again)
+    keep_other, _, _ = _probe_mask(ranks, experts, scales, (0.25, 0.25), T=64, seed=1)
+    assert not torch.equal(keep, keep_other)
+    # one probability per plugin
+    keep2, live2, _ = _probe_mask(ranks, experts, scales, (0.0, 0.5), T=64)
+    assert keep2[:, :8].all()
+    assert abs(keep2[:, 8:][live2[:, 8:]].mean().item() - 0.5) < 0.1
+
+
+def test_dropout_output_reproducible_and_mean_preserving():
+    ranks, experts, scales = (8,), (2,), (2.0,)
+    case = make_case(7, 19, 23, ranks, experts, torch.float16)
+    args = (case["x"], case["W"], case["b"], case["A"], case["B"], case["router"], ranks, experts, scales, None)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        y1 = hlora_linear(*args, 0.3, True)
+        torch.manual_seed(5)
+        y2 = hlora_linear(*args, 0.3, True)
+        y_eval = hlora_linear(*args, 0.3, False)
+        assert torch.equal(y1, y2)
+        assert not torch.equal(y1, y_eval)
+        mean = sum(hlora_linear(*args, 0.3, True).double() for _ in range(24)) / 24
+    base = case["x"].double() @ case["W"].double().t() + case["b"].double()
+    delta, delta_mean = y_eval.double() - base, mean - base
+    assert (delta_mean - delta).norm() < 0.35 * delta.norm()
+
+
+def test_dropout_gradients_use_the_forward_mask():
+    ranks, experts, scales, dropouts = (8, 12), (2, 3), (2.0, 0.5), (0.25, 0.25)
+    keep, _, tp = _probe_mask(ranks, experts, scales, dropouts, T=16, seed=7)
+    # same seed, same mask (it depends only on seed, token and column), now with a real W0 and B
+    case = make_case(16, 19, sum(ranks) + 3, ranks, experts, torch.float32, bias=False)
+    torch.manual_seed(7)
+    y, w, grads = run(case, ranks, experts, scales, tp, dropout=dropouts, training=True)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp, keep=keep, dropouts=dropouts)
+    assert_near(y, y_ref, 1e-5, "y")
+    for k in ("x", "A", "B", "router"):
+        assert_near(grads[k], g_ref[k], 4e-5, f"d{k}")
+
+
+def test_dropout_survives_checkpoint_recompute():
+    from torch.utils.checkpoint import checkpoint
+
+    ranks, experts, scales = (8,), (2,), (2.0,)
+    case = make_case(6, 19, 23, ranks, experts, torch.float32)
+
+    def grads(use_checkpoint):
+        x = case["x"].clone().requires_grad_()
+        A = case["A"].clone().requires_grad_()
+
+        def f(x, A):
+            return hlora_linear(x, case["W"], case["b"], A, case["B"], case["router"], ranks, experts, scales,
+                                None, 0.5, True)
+
+        torch.manual_seed(11)
+        y = checkpoint(f, x, A, use_reentrant=False) if use_checkpoint else f(x, A)
+        (y * y).sum().backward()
+        return y.detach(), x.grad, A.grad
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# contract edges
+# ----------------------------------------------------------------------------------------------
+
+
+def test_trainable_base_falls_back_to_the_reference_path():
+    ranks, experts, scales = (8,), (2,), (2.0,)
+    case = make_case(5, 19, 23, ranks, experts, torch.float32)
+    W = case["W"].clone().requires_grad_()
+    with pytest.warns(UserWarning, match="frozen"):
+        import hlora.kernels.ops as ops
+
+        ops._warned_frozen = False
+        y = fused_hlora_linear(case["x"], W, case["b"], case["A"], case["B"], case["router"], ranks, experts, scales)
+    y.sum().backward()
+    assert W.grad is not None
+    y_ref = reference(*(case[k].double() for k in ("x", "W", "b", "A", "B", "router")), ranks, experts, scales, None)
+    assert_near(y.detach(), y_ref, 1e-5, "y")
+
+
+def test_bad_dropout_list_is_rejected():
+    case = make_case(2, 19, 23, (8,), (2,), torch.float32)
+    with pytest.raises(ValueError, match="dropout"):
+        fused_hlora_linear(case["x"], case["W"], case["b"], case["A"], case["B"], case["router"],
+                           (8,), (2,), (2.0,), None, (0.1, 0.2))
+
+
+def test_partial_gradients():
+    """Frozen adapter (only dx) and a leaf input without grad (only the adapter's grads)."""
+    ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
+    case = make_case(7, 19, 23, ranks, experts, torch.float32)
+    tp = torch.tensor([0, 1, -1, 1, 0, -1, 1], device=DEV)
+    w = torch.randn(7, 23, generator=torch.Generator().manual_seed(1)).to(DEV)
+    _, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    x = case["x"].clone().requires_grad_()
+    y = hlora_linear(x, case["W"], case["b"], case["A"], case["B"], case["router"], ranks, experts, scales, tp)
+    (y * w).sum().backward()
+    assert_near(x.grad, g_ref["x"], 2e-5, "dx")
+    B = case["B"].clone().requires_grad_()
+    y = hlora_linear(case["x"], case["W"], case["b"], case["A"], B, case["router"], ranks, experts, scales, tp)
+    (y * w).sum().backward()
+    assert_near(B.grad, g_ref["B"], 2e-5, "dB")
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    ranks, experts, scales = (8,), (2,), (2.0,)
+    case = make_case(5, 19, 23, ranks, experts, torch.bfloat16)
+    case = {k: (v.float() if v is not None else None) for k, v in case.items()}
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        y = hlora_linear(case["x"], case["W"], case["b"], case["A"], case["B"], case["router"], ranks, experts, scales)
+    assert y.dtype == torch.bfloat16
+    y_ref = reference(*(case[k].double() for k in ("x", "W", "b", "A", "B", "router")), ranks, experts, scales, None)
+    assert_near(y, y_ref, TOL[torch.bfloat16], "y")
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration agree with the real ops."""
+    ranks, experts, scales = [8, 12], [2, 3], [2.0, 0.5]
+    case = make_case(7, 19, 23, ranks, experts, torch.float32)
+    tp = torch.tensor([0, 1, -1, 1, 0, -1, 1], device=DEV, dtype=torch.int32)
+    A, B, router = (case[k].clone().requires_grad_() for k in ("A", "B", "router"))
+    x = case["x"].clone().requires_grad_()
+    fwd_args = (x, case["W"], case["b"], A, B, router, tp, ranks, experts, scales, [0.1, 0.1], 123)
+    torch.library.opcheck(torch.ops.hlora.fused_fwd.default, fwd_args)
+    with torch.no_grad():
+        _, ul = torch.ops.hlora.fused_fwd(*fwd_args)
+    dy = torch.randn(7, 23, device=DEV)
+    bwd_args = (dy, x.detach(), case["W"], A.detach(), B.detach(), router.detach(), tp, ul, ranks, experts, scales,
+                [0.1, 0.1], 123, True, True)
+    torch.library.opcheck(torch.ops.hlora.fused_bwd.default, bwd_args)
+
+
+def test_torch_compile_sees_one_op():
+    """fullgraph capture (the custom ops are opaque to the compiler) with gradients equal to eager."""
+    ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
+    case = make_case(7, 19, 23, ranks, experts, torch.float32)
+    tp = torch.tensor([0, 1, -1, 1, 0, -1, 1], device=DEV)
+
+    def f(x, A, B, router):
+        return torch.relu(hlora_linear(x, case["W"], case["b"], A, B, router, ranks, experts, scales, tp))
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [case[k].clone().requires_grad_() for k in ("x", "A", "B", "router")]
+        y = fn(*leaves)
+        y.sum().backward()
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
