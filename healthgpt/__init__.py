@@ -1,0 +1,31 @@
+"""HealthGPT: a medical vision-language model for comprehension and generation, on H-LoRA plugins.
+
+    from healthgpt import HealthGPT, load_image
+    model = HealthGPT.from_pretrained("weights/")          # or HealthGPT("tiny") for random weights
+    model.answer(load_image("scan.dcm"), "What abnormality is shown?")
+    model.generate_image("ct.nii.gz", "Convert this CT slice to MRI.").save("mri.png")
+"""
+
+from .config import PRESETS, TASKS, HealthGPTConfig
+from .convert import convert_taming_checkpoint
+from .images import ImageLoadError, load_image
+from .model import HealthGPT
+from .templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES
+from .tokenizer import GenerationVocab
+from .vq import VQConfig, VQTokenizer
+
+__all__ = [
+    "HealthGPT",
+    "HealthGPTConfig",
+    "PRESETS",
+    "TASKS",
+    "load_image",
+    "ImageLoadError",
+    "VQTokenizer",
+    "VQConfig",
+    "convert_taming_checkpoint",
+    "GenerationVocab",
+    "TEMPLATES",
+    "IMAGE_TOKEN_INDEX",
+    "IGNORE_INDEX",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from .config import CONFIG_NAME, HLoRAConfig
 from .model import _find_modules_to_save, _named_adapter_layers, get_config, inject, unload
 
-__all__ = ["save", "load", "WEIGHTS_NAME", "CheckpointError", "plugin_state_dict"]
+__all__ = ["save", "load", "load_plugin_state", "atomic_write", "WEIGHTS_NAME", "CheckpointError", "plugin_state_dict"]
 
 WEIGHTS_NAME = "hlora_model.safetensors"
 _META_KEY = "hlora_config"
@@ -56,7 +57,9 @@ def plugin_state_dict(model: nn.Module, plugins=None) -> dict:
     return state
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the
+    new one, never a partial write."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
@@ -81,8 +84,8 @@ def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
     # safetensors refuses tensors that share memory (tied embeddings): save contiguous copies
     state = {k: v.detach().contiguous().clone() for k, v in plugin_state_dict(model, plugins).items()}
     meta = {_META_KEY: sub.to_json(), "format": "pt"}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=meta))
-    _atomic_write(os.path.join(path, CONFIG_NAME), lambda tmp: open(tmp, "w").write(sub.to_json()))
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write(os.path.join(path, CONFIG_NAME), lambda tmp: open(tmp, "w").write(sub.to_json()))
     return str(path)
 
 
@@ -106,7 +109,8 @@ def _compatible(have: HLoRAConfig, want: HLoRAConfig) -> None:
                 f"checkpoint plugin {name!r} is not in the model (plugins {have.plugin_names}); "
                 f"load into a model without plugins to inject the checkpoint's config"
             )
-        if have.plugins[name] != cfg:
+        # dropout is a training choice, not part of the weights: the model's own setting stays
+        if replace(have.plugins[name], dropout=0.0) != replace(cfg, dropout=0.0):
             raise CheckpointError(f"plugin {name!r}: checkpoint config {cfg} differs from the model's {have.plugins[name]}")
 
 

@@ -1,0 +1,53 @@
+"""``healthgpt convert-vqgan`` (taming checkpoint -> image tokenizer directory) and
+``healthgpt convert-release`` (the public release's .bin files -> a HealthGPT weights directory)."""
+
+from __future__ import annotations
+
+
+def register_vqgan(subparsers) -> None:
+    p = subparsers.add_parser("convert-vqgan", help="convert taming's Gumbel VQGAN last.ckpt + model.yaml")
+    p.add_argument("--ckpt", required=True, help="taming last.ckpt")
+    p.add_argument("--yaml", required=True, help="taming model.yaml (configs/model.yaml beside the checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary pickled objects in --ckpt (only for a trusted file)")
+    p.set_defaults(func=run_vqgan)
+
+
+def run_vqgan(args) -> int:
+    from .convert import convert_taming_checkpoint
+
+    convert_taming_checkpoint(args.ckpt, args.yaml, args.out, trust_pickle=args.trust_pickle)
+    print(args.out)
+    return 0
+
+
+def register_release(subparsers) -> None:
+    p = subparsers.add_parser("convert-release", help="build a weights directory from the public release's files")
+    p.add_argument("--preset", choices=("m3", "l14"), required=True)
+    p.add_argument("--llm", required=True, help="local base LLM directory (Phi-3-mini-4k-instruct or phi-4)")
+    p.add_argument("--vision", required=True, help="local openai/clip-vit-large-patch14-336 directory")
+    p.add_argument("--image-tokenizer", required=True, help="directory written by `healthgpt convert-vqgan`")
+    p.add_argument("--com", help="com_hlora_weights.bin (or com_hlora_weights_phi4.bin)")
+    p.add_argument("--gen", help="gen_hlora_weights.bin")
+    p.add_argument("--fusion", help="fusion_layer_weights.bin")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--out", required=True, help="output HealthGPT weights directory")
+    p.set_defaults(func=run_release)
+
+
+def run_release(args) -> int:
+    from .cli import CLIError
+    from .config import HealthGPTConfig
+    from .model import HealthGPT
+
+    if not (args.com or args.gen or args.fusion):
+        raise CLIError("give at least one of --com, --gen, --fusion")
+    overrides = dict(llm_path=args.llm, vision_path=args.vision, image_tokenizer_path=args.image_tokenizer)
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    model = HealthGPT(HealthGPTConfig.preset(args.preset, **overrides))
+    model.load_release_weights(com=args.com, gen=args.gen, fusion=args.fusion)
+    model.save_pretrained(args.out)
+    print(args.out)
+    return 0

@@ -1,0 +1,55 @@
+"""``healthgpt answer`` and ``healthgpt generate``."""
+
+from __future__ import annotations
+
+import os
+
+from .cli import (
+    CLIError,
+    add_decoding_arguments,
+    add_image_arguments,
+    add_model_arguments,
+    decoding_kwargs,
+    image_from_args,
+    model_from_args,
+)
+
+
+def register_answer(subparsers) -> None:
+    p = subparsers.add_parser("answer", help="answer a question about an image (comprehension)")
+    p.add_argument("--image", help="PNG/JPEG, DICOM or NIfTI file (omit for a text-only question)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_model_arguments(p)
+    add_image_arguments(p)
+    add_decoding_arguments(p)
+    p.set_defaults(func=run_answer)
+
+
+def run_answer(args) -> int:
+    image = image_from_args(args.image, args)
+    model = model_from_args(args)
+    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens, **decoding_kwargs(args)))
+    return 0
+
+
+def register_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate an image from an image and/or an instruction")
+    p.add_argument("--image", help="input PNG/JPEG, DICOM or NIfTI file (omit for text-to-image)")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--out", required=True, help="output image path (format from the extension, e.g. .png)")
+    add_model_arguments(p)
+    add_image_arguments(p)
+    add_decoding_arguments(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"--out directory {out_dir} does not exist")
+    image = image_from_args(args.image, args)
+    model = model_from_args(args)
+    model.generate_image(image, args.instruction, **decoding_kwargs(args)).save(args.out)
+    print(args.out)
+    return 0

@@ -1,0 +1,104 @@
+"""Decoding on the tiny preset: constrained image-token generation, text answers, batching, sampling."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from healthgpt import HealthGPT
+from healthgpt.generation import sample_next
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()  # see test_healthgpt_model.py
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = HealthGPT("tiny").eval()
+    with torch.no_grad():  # distinct code rows, so greedy decoding does not pick <idx_0> forever
+        for w in (m.llm.get_input_embeddings().weight, m.llm.get_output_embeddings().weight):
+            w[m.gen_vocab.base_size:] += torch.randn_like(w[m.gen_vocab.base_size:])
+    return m
+
+
+def _image(seed, size=(48, 32)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_generate_image_is_exactly_1024_codes_then_end(model):
+    v = model.gen_vocab
+    out = model.generate([_image(0), None], ["Convert this CT to MRI.", "A normal chest X-ray."], "gen")
+    for ids in out:
+        assert len(ids) == model.num_image_codes + 1 == 1025
+        assert ids[-1] == v.end
+        assert all(v.code0 <= t < v.code0 + v.num_codes for t in ids[:-1])
+    assert len(set(out[0][:-1])) > 1  # greedy over distinct rows, not one repeated token
+    image = model.generate_image(_image(0), "Convert this CT to MRI.")
+    assert isinstance(image, Image.Image) and image.size == (256, 256) and image.mode == "RGB"
+    want = model.image_tokenizer.decode_images(torch.tensor([out[0][:-1]]) - v.code0)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(want))
+
+
+def test_generation_prompt_ends_with_start_index(model):
+    ids = model._prompt_ids(True, "Make an MRI.", "gen")
+    assert ids[-1] == model.gen_vocab.start
+    assert model._prompt_ids(True, "What is it?", "comp")[-1] != model.gen_vocab.start
+
+
+def test_sampling_stays_in_code_range_and_is_seeded(model):
+    kw = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=1)
+    a = model.generate([None, None], ["A brain MRI.", "A brain MRI."], "gen", **kw)
+    b = model.generate([None, None], ["A brain MRI.", "A brain MRI."], "gen", **kw)
+    v = model.gen_vocab
+    assert a == b and a[0] != a[1]  # same seed, same draws; two rows, two draws
+    for ids in a:
+        assert len(ids) == 1025 and ids[-1] == v.end and all(v.code0 <= t < v.code0 + v.num_codes for t in ids[:-1])
+
+
+def test_answer_and_batched_answers_agree(model):
+    images, questions = [_image(1), _image(2, (30, 60)), None], ["What is shown?", "Any fracture?", "What is a CT?"]
+    batched = model.generate(images, questions, "comp", max_new_tokens=6)
+    single = [model.generate([i], [q], "comp", max_new_tokens=6)[0] for i, q in zip(images, questions)]
+    assert batched == single and all(len(ids) == 6 for ids in batched)
+    answers = model.answer_batch(images, questions, max_new_tokens=6)
+    assert answers == [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in batched]
+    assert model.answer(images[0], questions[0], max_new_tokens=6) == answers[0]
+
+
+def test_mixed_task_batch_routes_each_sample(model):
+    images, texts = [_image(3), _image(3)], ["Describe it.", "Describe it."]
+    mixed = model.generate(images, texts, ["comp", "gen"], max_new_tokens=5)
+    assert mixed[0] == model.generate(images[:1], texts[:1], "comp", max_new_tokens=5)[0]
+    assert mixed[1] == model.generate(images[1:], texts[1:], "gen")[0]
+    out = model.infer(images[:1] * 2, texts[:1] * 2, ["comp", "comp"], max_new_tokens=5)
+    assert out == [model.tokenizer.decode(mixed[0], skip_special_tokens=True).strip()] * 2
+
+
+def test_text_stops_at_end_token(model):
+    end = model.tokenizer.convert_tokens_to_ids("<|end|>")
+    bias = torch.zeros(model.llm.get_output_embeddings().weight.shape[0])
+    bias[end] = 1e4  # <|end|> wins at once: the answer is empty
+    model.llm.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        assert model.generate([None], ["Hi"], "comp", max_new_tokens=7) == [[]]
+    finally:
+        model.llm.lm_head.bias = None
+    assert len(model.generate([None], ["Hi"], "comp", max_new_tokens=7)[0]) == 7
+
+
+def test_sample_next():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
+    assert sample_next(logits).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, do_sample=True, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {1, 3}
+    picks = {sample_next(logits, do_sample=True, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert picks == {1}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, do_sample=True, temperature=0)

@@ -1,0 +1,115 @@
+"""Medical image input: PNG/JPEG, DICOM (pydicom's test files), NIfTI (nibabel's test files)."""
+
+import os
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from healthgpt import ImageLoadError, load_image
+from healthgpt.vision import ImageProcessor
+
+NIB_DATA = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
+
+
+def _linear_window(x, c, w):
+    return np.clip(np.rint(((x - (c - 0.5)) / (w - 1) + 0.5) * 255), 0, 255).astype(np.uint8)
+
+
+def test_dicom_ct_uses_modality_lut_and_min_max_without_window():
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    assert "WindowCenter" not in ds
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (128, 128)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    want = np.rint((hu - hu.min()) / (hu.max() - hu.min()) * 255).astype(np.uint8)
+    got = np.asarray(img)
+    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 0], got[..., 2])
+    # an explicit window (e.g. soft tissue 40/400 HU) overrides
+    soft = np.asarray(load_image(path, window=(40, 400)))[..., 0]
+    assert np.array_equal(soft, _linear_window(hu, 40, 400))
+
+
+def test_dicom_mr_uses_the_files_window():
+    path = get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    got = np.asarray(load_image(path))[..., 0]
+    assert got.shape == (64, 64)
+    assert np.array_equal(got, _linear_window(ds.pixel_array.astype(float), float(ds.WindowCenter), float(ds.WindowWidth)))
+
+
+def test_dicom_multi_frame_picks_a_frame():
+    path = get_testdata_file("rtdose.dcm")
+    frames = pydicom.dcmread(path).pixel_array.astype(float)
+    assert frames.shape[0] == 15
+    default = np.asarray(load_image(path))[..., 0]  # the middle frame
+    first = np.asarray(load_image(path, frame=0))[..., 0]
+
+    def minmax(a):
+        return np.rint((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+
+    assert np.array_equal(default, minmax(frames[7])) and np.array_equal(first, minmax(frames[0]))
+    with pytest.raises(ImageLoadError, match="frame 15 is out of range"):
+        load_image(path, frame=15)
+
+
+def test_nifti_axis_and_slice():
+    path = os.path.join(NIB_DATA, "anatomical.nii")
+    vol = nibabel.as_closest_canonical(nibabel.load(path)).get_fdata()
+    assert vol.shape == (33, 41, 25)
+    axial = load_image(path)
+    assert axial.size == (33, 41)  # rot90 of a [33, 41] slice: 41 rows, 33 columns
+    sl = np.rot90(vol[:, :, 12])
+    want = np.rint((sl - sl.min()) / (sl.max() - sl.min()) * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(axial)[..., 0], want)
+    sagittal = load_image(path, axis=0, slice_index=3)
+    assert sagittal.size == (41, 25)
+    with pytest.raises(ImageLoadError, match="slice 99 is out of range"):
+        load_image(path, slice_index=99)
+
+
+def test_nifti_4d_picks_a_volume():
+    path = os.path.join(NIB_DATA, "example4d.nii.gz")
+    a, b = load_image(path), load_image(path, frame=1)
+    assert a.size == b.size and not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_png_and_jpeg(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "x.png")), rgb)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.jpg")
+    assert load_image(str(tmp_path / "g.jpg")).mode == "RGB"
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 200)).save(tmp_path / "deep.png")  # 16-bit greyscale
+    deep = np.asarray(load_image(tmp_path / "deep.png"))
+    assert deep.dtype == np.uint8 and deep.max() == 255 and deep.min() == 0
+
+
+def test_unreadable_inputs(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError, match="cannot read"):
+        load_image(tmp_path / "junk.png")
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 64)
+    with pytest.raises(ImageLoadError, match="junk.dcm"):
+        load_image(tmp_path / "junk.dcm")
+    (tmp_path / "junk.nii").write_bytes(b"\0" * 64)
+    with pytest.raises(ImageLoadError, match="junk.nii"):
+        load_image(tmp_path / "junk.nii")
+
+
+def test_clip_preprocessing_pads_with_the_mean_colour():
+    proc = ImageProcessor(size=28)
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    x = proc(img)
+    assert x.shape == (1, 3, 28, 28)
+    fill = np.array([int(m * 255) for m in proc.mean]) / 255.0
+    corner = x[0, :, 0, 0].numpy()
+    np.testing.assert_allclose(corner, (fill - np.array(proc.mean)) / np.array(proc.std), atol=1e-5)
+    centre = x[0, :, 14, 14].numpy()
+    np.testing.assert_allclose(centre, (1.0 - np.array(proc.mean)) / np.array(proc.std), atol=1e-5)
