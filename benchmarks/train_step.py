@@ -7,7 +7,8 @@ A Phi-3-mini-shaped model (random weights, SDPA, gradient checkpointing) is buil
 patches it, trains ``--steps`` AdamW steps after ``--warmup`` and is removed again. Reported per
 provider: tokens/s, TFLOP/s counted as 6 x params x tokens (the convention of reference.md section 7),
 peak memory. Writes ``train_step.csv`` (kernel, provider, mode, x, median, p20, p80, gpu, version rows
-plus throughput columns), ``train_step.md`` and ``k_sweep.png``.
+plus throughput columns), ``train_step.md`` and ``k_sweep.png``. Last, ``healthgpt-stage3``: the full
+HealthGPT-M3 stage-3 comprehension step (vision tower, projector, comp plugin) at the same batch shape.
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ def hlora_provider(variant, plugins, tasks):
     return make
 
 
+def healthgpt_stage3(preset: str, device: str, shape: Shape):
+    """The full HealthGPT stage-3 comprehension step: CLIP tower + projector + Phi-3 with the comp
+    plugin training (plugin + projector), on image + question/answer samples of ``shape.seq`` tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from healthgpt import HealthGPT, HealthGPTConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HealthGPT(HealthGPTConfig.preset(preset))
+    model.set_trainable(plugins=("comp",), projectors=("comp",))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
+    seq = max(shape.seq, model.num_image_tokens + 96)  # the tiny preset's image alone may exceed --cpu-smoke's seq
+    words = " ".join(["finding"] * ((seq - model.num_image_tokens - 64) // 2))
+    conv = [{"from": "human", "value": "<image>\nDescribe: " + words}, {"from": "gpt", "value": words}]
+    batch = model.collate([model.prepare_sample(conv, "comp", image=image, max_length=seq) for _ in range(shape.batch)])
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs["images"] = inputs["images"].to(model.dtype)
+    return model, inputs
+
+
 def providers(sweep: bool):
     comp = hlora.PluginConfig(rank=64, num_experts=4, alpha=128)
     gen = hlora.PluginConfig(rank=256, num_experts=4, alpha=512)
@@ -99,13 +123,17 @@ def providers(sweep: bool):
 # ---- measurement --------------------------------------------------------------------------------
 
 
-def measure(model, shape: Shape, device: str, steps: int, warmup: int):
+def token_batch(shape: Shape, device: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def measure(model, inputs: dict, device: str, steps: int, warmup: int):
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -114,7 +142,7 @@ def measure(model, shape: Shape, device: str, steps: int, warmup: int):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,25 +187,33 @@ def main(argv=None) -> int:
 
     base = build_base(shape, device)
     n_params = sum(p.numel() for p in base.parameters())
-    tokens = shape.batch * shape.seq
     rows = []
+
+    def record(name, rank, model, inputs, params):
+        times, peak, losses = measure(model, inputs, device, steps, warmup)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if not all(torch.isfinite(torch.tensor(losses))):
+            raise RuntimeError(f"{name}: non-finite loss {losses}")
+        tokens = int(inputs["input_ids"].numel())
+        med = statistics.median(times)
+        row = dict(kernel="train_step", provider=name, mode="fwd+bwd+adamw", x=rank,
+                   median=med * 1e3, p20=quantile(times, 0.2) * 1e3, p80=quantile(times, 0.8) * 1e3, gpu=gpu, version=version,
+                   tokens_per_s=tokens / med, tflops=6 * params * tokens / med / 1e12, peak_gib=peak)
+        rows.append(row)
+        print(f"{name:>20}  R={rank:<4} {row['tokens_per_s']:>10.0f} tok/s  {row['tflops']:7.1f} TFLOP/s  "
+              f"peak {peak:6.1f} GiB  loss {losses[-1]:.3f}", flush=True)
+
     for (name, rank), make in providers(sweep=not args.no_sweep).items():
         if args.only and name not in args.only:
             continue
         model, undo = make(base, shape.batch)
-        times, peak, losses = measure(model, shape, device, steps, warmup)
+        record(name, rank, model, token_batch(shape, device), n_params)
         undo()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        med = statistics.median(times)
-        if not all(torch.isfinite(torch.tensor(losses))):
-            raise RuntimeError(f"{name}: non-finite loss {losses}")
-        row = dict(kernel="train_step", provider=name, mode="fwd+bwd+adamw", x=rank,
-                   median=med * 1e3, p20=quantile(times, 0.2) * 1e3, p80=quantile(times, 0.8) * 1e3, gpu=gpu, version=version,
-                   tokens_per_s=tokens / med, tflops=6 * n_params * tokens / med / 1e12, peak_gib=peak)
-        rows.append(row)
-        print(f"{name:>20}  R={rank:<4} {row['tokens_per_s']:>10.0f} tok/s  {row['tflops']:7.1f} TFLOP/s  "
-              f"peak {peak:6.1f} GiB  loss {losses[-1]:.3f}", flush=True)
+    del base
+    if not args.only or "healthgpt-stage3" in args.only:
+        model, inputs = healthgpt_stage3("tiny" if args.cpu_smoke else "m3", device, shape)
+        record("healthgpt-stage3", 64, model, inputs, sum(p.numel() for p in model.parameters()))
 
     with open(os.path.join(args.out, "train_step.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -190,6 +226,7 @@ def main(argv=None) -> int:
 
 def write_table(rows, path, gpu, version, n_params, shape):
     ref = next((r for r in rows if r["provider"] == "peft-lora"), None)
+    # healthgpt-stage3 counts all of its parameters (CLIP tower included) in TFLOP/s
     lines = [f"{gpu}; {version}; {n_params / 1e9:.2f}B params, batch {shape.batch} x {shape.seq}, {shape.dtype}", "",
              "| provider | R | tokens/s | vs PEFT LoRA | TFLOP/s | peak GiB |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -201,6 +238,8 @@ def write_table(rows, path, gpu, version, n_params, shape):
 
 
 def plot_sweep(rows, path, gpu):
+    if not any(r["provider"].startswith("sweep-") for r in rows):
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,7 +14,7 @@ def test_train_step_cpu_smoke_reports_every_provider(tmp_path):
                     "--out", str(tmp_path)], check=True, env={**os.environ, "HLORA_BACKEND": "torch"})
     rows = list(csv.DictReader(open(tmp_path / "train_step.csv")))
     names = {r["provider"] for r in rows}
-    assert {"peft-lora", "hlora-moelora", "hlora-comp", "hlora-gen", "hlora-mixed"} <= names
+    assert {"peft-lora", "hlora-moelora", "hlora-comp", "hlora-gen", "hlora-mixed", "healthgpt-stage3"} <= names
     assert {f"sweep-{f}-k{k}" for f in ("hlora", "moelora") for k in (2, 4, 8, 32)} <= names
     for r in rows:
         assert set(r) >= {"kernel", "provider", "mode", "x", "median", "p20", "p80", "gpu", "version"}
