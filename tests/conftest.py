@@ -65,3 +65,13 @@ def inputs_for():
 @pytest.fixture
 def output_of():
     return model_output
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads
+    slow them down many times over (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,12 +12,7 @@ from healthgpt import HealthGPT
 from healthgpt.cli import SUBCOMMANDS, build_parser, main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see test_healthgpt_model.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_answer_on_the_tiny_preset_warns_and_prints(capsys):

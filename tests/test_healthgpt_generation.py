@@ -9,12 +9,7 @@ from healthgpt import HealthGPT
 from healthgpt.generation import sample_next
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see test_healthgpt_model.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from healthgpt.config import TINY_PHI3, _plugins
 from healthgpt.tokenizer import load_base_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP
-    # threads slow them down many times over
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from healthgpt import VQConfig, VQTokenizer, convert_taming_checkpoint
 from healthgpt.convert import ConversionError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see test_healthgpt_model.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- taming's layout, reimplemented --------------------------------------------------------------

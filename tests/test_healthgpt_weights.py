@@ -14,12 +14,7 @@ from healthgpt import HealthGPT, HealthGPTConfig
 from healthgpt.weights import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see test_healthgpt_model.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model, seed):
