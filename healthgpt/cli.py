@@ -22,6 +22,9 @@ SUBCOMMANDS = {
     "convert-vqgan": "healthgpt.cli_convert:register_vqgan",
     "convert-release": "healthgpt.cli_convert:register_release",
     "eval": "healthgpt.evaluation.cli:register",
+    "train": "healthgpt.training.run:register",
+    "demo": "healthgpt.demo:register",
+    "data": "healthgpt.data.cli:register",
 }
 """subcommand name -> ``"module:function"``; the function takes the argparse subparsers object."""
 

@@ -1,0 +1,319 @@
+"""``HealthGPTTrainer``: transformers' ``Trainer`` with what HealthGPT's stages need.
+
+- **Learning rates per parameter group** (``create_optimizer``): the projector and the rest
+  (plugins, fusion layer) at their own rates; the scheduler scales every group alike.
+- **Atomic checkpoints** (``_save_checkpoint``): ``checkpoint-N`` is written as
+  ``.staging-checkpoint-N/checkpoint-N`` and renamed into place once complete, so a crash or a
+  kill mid-save leaves the previous checkpoints untouched and never a half-written
+  ``checkpoint-N`` (``get_last_checkpoint`` only sees complete ones). Leftover staging folders are
+  removed on the next start.
+- **Small checkpoints** (``_save``/``_load_from_checkpoint``): without DeepSpeed/FSDP a checkpoint
+  holds only the trainable tensors (``trainable.safetensors``) plus optimizer, scheduler, RNG and
+  trainer state; the frozen weights are the run's starting point, rebuilt on resume. DeepSpeed and
+  FSDP checkpoints are their engines' own.
+- **Per-task losses** (``compute_loss``/``log``): mixed batches also log ``loss_comp`` and
+  ``loss_gen`` (mean token cross-entropy of each task's samples since the last log).
+
+``LossLogCallback`` writes ``loss_log.jsonl`` as training goes and ``loss_curve.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+__all__ = ["HealthGPTTrainer", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
+           "clean_staging"]
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+STAGING_PREFIX = ".staging-"
+LOSS_LOG = "loss_log.jsonl"
+LOSS_PNG = "loss_curve.png"
+_TASKS = ("comp", "gen")
+
+
+def clean_staging(run_dir: str) -> list:
+    """Remove staging folders a killed save left behind in ``run_dir``; -> removed names."""
+    removed = []
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class HealthGPTTrainer(Trainer):
+    """``Trainer`` for one HealthGPT stage (module docstring).
+
+    Args (besides ``Trainer``'s): ``param_groups``: ``[{"name", "lr", "params": [parameter names]}]``
+    (``healthgpt.training.stages.apply_stage`` makes them); ``track_task_losses``: log per-task losses.
+    """
+
+    def __init__(self, *args, param_groups: list, track_task_losses: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.param_groups = param_groups
+        self.track_task_losses = track_task_losses
+        self._task_loss = {t: [0.0, 0] for t in _TASKS}  # task -> [sum of token losses, tokens]
+        # HealthGPT's forward takes **kwargs and hands num_items_in_batch to the LLM's loss (a token
+        # sum divided by the global count), so batches of unequal lengths and several processes
+        # weigh every supervised token alike. The LLM shifts labels: count labels[..., 1:].
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+
+    # ---- optimizer ------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        params = dict(opt_model.named_parameters())
+        groups, seen = [], set()
+        for g in self.param_groups:
+            missing = [n for n in g["params"] if n not in params]
+            if missing:
+                raise KeyError(f"parameter group {g['name']!r} names parameters the model lacks: {missing[:3]}")
+            ps = [params[n] for n in g["params"] if params[n].requires_grad and id(params[n]) not in seen]
+            seen.update(id(p) for p in ps)
+            if ps:
+                groups.append({"params": ps, "lr": float(g["lr"]), "weight_decay": self.args.weight_decay, "name": g["name"]})
+        stray = [n for n, p in params.items() if p.requires_grad and id(p) not in seen]
+        if stray:
+            raise RuntimeError(f"trainable parameters in no group (they would not be trained): {stray[:5]}")
+        if not groups:
+            raise RuntimeError("nothing to train: every parameter group is empty")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model", "lr")}
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- loss -------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tasks = inputs.get("tasks")
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.track_task_losses and model.training and tasks is not None and labels is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+            self._track(logits, labels, tasks)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _track(self, logits, labels, tasks) -> None:
+        shift_labels = labels[:, 1:]
+        for b, t in enumerate(tasks):
+            if t not in self._task_loss:
+                continue
+            mask = shift_labels[b] != -100
+            n = int(mask.sum())
+            if n:
+                ce = F.cross_entropy(logits[b, :-1][mask].float(), shift_labels[b][mask], reduction="sum")
+                self._task_loss[t][0] += float(ce)
+                self._task_loss[t][1] += n
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self.track_task_losses:
+            stats = torch.tensor([v for t in _TASKS for v in self._task_loss[t]], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.args.world_size > 1:
+                stats = stats.to(self.args.device)
+                torch.distributed.all_reduce(stats)
+                stats = stats.cpu()
+            for i, t in enumerate(_TASKS):
+                total, count = float(stats[2 * i]), float(stats[2 * i + 1])
+                if count:
+                    logs[f"loss_{t}"] = total / count
+            self._task_loss = {t: [0.0, 0] for t in _TASKS}
+        if "loss" in logs and self.optimizer is not None and len(self.optimizer.param_groups) > 1:
+            for g in self.optimizer.param_groups:
+                logs[f"lr/{g.get('name', '?')}"] = g["lr"]
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _engine_checkpoints(self) -> bool:
+        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` under a staging folder, then rename it into place (atomic)."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging, exist_ok=True)
+        if self.args.world_size > 1:
+            self.args.distributed_state.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate after the rename
+        original = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original
+            self.args.save_total_limit = limit
+        if self.args.world_size > 1:
+            self.args.distributed_state.wait_for_everyone()
+        if self.args.should_save:
+            written = os.path.join(staging, name)
+            _fsync_tree(written)
+            if os.path.isdir(final):  # the same step saved again (a resumed run): swap it out
+                old = os.path.join(run_dir, f"{STAGING_PREFIX}old-{name}")
+                os.replace(final, old)
+                os.replace(written, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync_dir(run_dir)
+            if limit is not None:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.world_size > 1:
+            self.args.distributed_state.wait_for_everyone()
+
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        if self._engine_checkpoints():
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        trainable = {n: p.detach().contiguous().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
+        if self._engine_checkpoints() or not os.path.isfile(path):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        tensors = load_file(path)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        shapes = [n for n in set(params) & set(tensors) if tuple(params[n].shape) != tuple(tensors[n].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not fit this run's trainable parameters "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}): "
+                f"resume with the same --stage/--task and model as the run that wrote it"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n].to(p.device, p.dtype))
+
+
+# ---- loss log and curve -----------------------------------------------------------------------------
+
+
+def read_loss_log(path: str) -> list:
+    if os.path.isdir(path):
+        path = os.path.join(path, LOSS_LOG)
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(rows: list, path: str, title: str = "") -> str | None:
+    """Loss (and per-task losses) against the step -> a PNG at ``path``; None without rows."""
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for key, style in (("loss", "-"), ("loss_comp", "--"), ("loss_gen", ":")):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
+                    label={"loss": "loss", "loss_comp": "comp (text)", "loss_gen": "gen (image tokens)"}[key])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class LossLogCallback(TrainerCallback):
+    """``loss_log.jsonl`` (one JSON object per logging step) and, at the end, ``loss_curve.png``."""
+
+    def __init__(self, output_dir: str, title: str = ""):
+        self.output_dir = output_dir
+        self.title = title
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, LOSS_LOG)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a resumed run: the log restarts from the checkpoint's history
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(self.path, "w") as f:
+                for row in state.log_history:
+                    if "loss" in row:
+                        f.write(json.dumps(row) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            try:
+                plot_losses(read_loss_log(self.path), os.path.join(self.output_dir, LOSS_PNG), self.title)
+            except Exception as e:  # a plot must never fail a finished run
+                logger.warning(f"could not draw the loss curve: {e}")
