@@ -291,7 +291,7 @@ def benchmarks(quick, gpu, version, rows, md):
                              p20_ms=f"{res[1]:.4f}", p80_ms=f"{res[2]:.4f}", gpu=gpu, version=version))
 
     layers = {"o_proj": LAYERS["o_proj"]} if quick else LAYERS
-    main, mem = {}, {}
+    main = {}
     for lname, (D, N) in layers.items():
         W = (torch.randn(N, D, generator=gen, device=dev) * D**-0.5).to(dt)
         x = torch.randn(T_BENCH, D, generator=gen, device=dev).to(dt).requires_grad_()
@@ -339,7 +339,7 @@ def benchmarks(quick, gpu, version, rows, md):
             record(f"o_proj sweep r=16 R={R}", prov, "fwd+bwd", k, res["fwd+bwd"])
             sweep[(k, prov)] = res["fwd+bwd"][0]
         print(f"  sweep k={k}: " + ", ".join(f"{p} {sweep[(k, p)]:.3f}" for p in PROVIDERS), flush=True)
-    md.append(f"\n### expert sweep, o_proj, r=16 per expert, fwd+bwd: ratios to PEFT LoRA of the same total rank\n")
+    md.append("\n### expert sweep, o_proj, r=16 per expert, fwd+bwd: ratios to PEFT LoRA of the same total rank\n")
     md.append("| k | R | LoRA ms | MoE-LoRA loop | H-LoRA torch | H-LoRA fused | fused / base |")
     md.append("|---|---|---|---|---|---|---|")
     for k in ks:

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random configs of real transformers classes (seconds on a CPU)."""
+"""Shared fixtures: tiny random configs of real transformers classes (seconds on a CPU), the bundled
+sample set."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -75,3 +79,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def training_subset(tmp_path_factory):
+    """``training_subset(n)`` -> ``{"cache", "data"}``: a training file with the first n comp and n gen
+    rows of the bundled stage-3 sample set (built once per session), image paths made absolute."""
+    from healthgpt.data.samples import build_sample_set
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    samples = build_sample_set(cache)
+
+    def make(n):
+        rows = json.load(open(samples.instruct))
+        pick = [r for r in rows if r["task"] == "comp"][:n] + [r for r in rows if r["task"] == "gen"][:n]
+        for r in pick:
+            for key in ("image", "target_image"):
+                if key in r:
+                    r[key] = os.path.join(samples.root, r[key])
+        data = tmp_path_factory.mktemp("data") / f"subset-{n}.json"
+        data.write_text(json.dumps(pick))
+        return {"cache": cache, "data": str(data)}
+
+    return make

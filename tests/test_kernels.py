@@ -255,7 +255,7 @@ def _probe_mask(ranks, experts, scales, dropouts, T=48, seed=0):
     """Recover the rank-space dropout mask of the call made after ``torch.manual_seed(seed)``:
     with W0 = 0 and B = [I; 0] the output is h itself. (Per-plugin probabilities go straight to
     ``fused_hlora_linear``: ``hlora_linear`` sends those to the reference path.)"""
-    R, K, D = sum(ranks), sum(experts), 19
+    R, D = sum(ranks), 19
     case = make_case(T, D, R + 3, ranks, experts, torch.float32, bias=False)
     case["W"] = torch.zeros_like(case["W"])
     case["B"] = torch.eye(R + 3, R, device=DEV)

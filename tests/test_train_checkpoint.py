@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from healthgpt.config import TINY_VQ
-from healthgpt.data.samples import build_sample_set
 from healthgpt.training.run import train_stage
 from healthgpt.training.trainer import STAGING_PREFIX, TRAINABLE_FILE
 
@@ -48,18 +47,8 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
-    samples = build_sample_set(cache)
-    rows = json.load(open(samples.instruct))
-    pick = [r for r in rows if r["task"] == "comp"][:4] + [r for r in rows if r["task"] == "gen"][:4]
-    for r in pick:
-        for k in ("image", "target_image"):
-            if k in r:
-                r[k] = os.path.join(samples.root, r[k])
-    data = tmp_path_factory.mktemp("data") / "eight.json"
-    data.write_text(json.dumps(pick))
-    return {"cache": cache, "data": str(data)}
+def env(training_subset):
+    return training_subset(4)
 
 
 def test_sigkill_mid_save_keeps_previous_checkpoint(env, tmp_path):

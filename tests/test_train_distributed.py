@@ -11,7 +11,6 @@ import pytest
 from safetensors.torch import load_file
 
 from healthgpt.config import TINY_VQ
-from healthgpt.data.samples import build_sample_set
 from healthgpt.training.run import train_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
@@ -42,18 +41,8 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
-    samples = build_sample_set(cache)
-    rows = json.load(open(samples.instruct))
-    pick = [r for r in rows if r["task"] == "comp"][:6] + [r for r in rows if r["task"] == "gen"][:6]
-    for r in pick:
-        for k in ("image", "target_image"):
-            if k in r:
-                r[k] = os.path.join(samples.root, r[k])
-    data = tmp_path_factory.mktemp("data") / "twelve.json"
-    data.write_text(json.dumps(pick))
-    return {"cache": cache, "data": str(data)}
+def env(training_subset):
+    return training_subset(6)
 
 
 def _weights(out):

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from healthgpt.config import TINY_VQ, HealthGPTConfig
-from healthgpt.data.samples import build_sample_set
 from healthgpt.training.run import train_stage
 from healthgpt.training.trainer import TRAINABLE_FILE
 
@@ -31,21 +30,12 @@ class StopAfterSave(TrainerCallback):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(training_subset):
     from healthgpt.model import HealthGPT
 
-    cache = str(tmp_path_factory.mktemp("cache"))
-    samples = build_sample_set(cache)
-    rows = json.load(open(samples.instruct))
-    pick = [r for r in rows if r["task"] == "comp"][:6] + [r for r in rows if r["task"] == "gen"][:6]
-    for r in pick:
-        for k in ("image", "target_image"):
-            if k in r:
-                r[k] = os.path.join(samples.root, r[k])
-    data = tmp_path_factory.mktemp("data") / "twelve.json"
-    data.write_text(json.dumps(pick))
+    subset = training_subset(6)
     torch.manual_seed(0)
-    return {"cache": cache, "data": str(data), "model": HealthGPT(HealthGPTConfig.preset("tiny", **MICRO))}
+    return {**subset, "model": HealthGPT(HealthGPTConfig.preset("tiny", **MICRO))}
 
 
 def _trainable(model):

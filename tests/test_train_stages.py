@@ -9,7 +9,6 @@ import torch
 from transformers import TrainerCallback
 
 from healthgpt.config import TINY_VQ, HealthGPTConfig
-from healthgpt.data.samples import build_sample_set
 from healthgpt.training import PRESETS, apply_stage, plan_stage
 from healthgpt.training.run import TrainError, train_stage
 
@@ -19,22 +18,13 @@ MICRO = {"image_tokenizer_config": dict(TINY_VQ, resolution=32)}  # 4 x 4 = 16 i
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(training_subset):
     from healthgpt.model import HealthGPT
 
-    cache = str(tmp_path_factory.mktemp("cache"))
-    samples = build_sample_set(cache)
-    rows = json.load(open(samples.instruct))
-    pick = [r for r in rows if r["task"] == "comp"][:4] + [r for r in rows if r["task"] == "gen"][:4]
-    for r in pick:
-        for k in ("image", "target_image"):
-            if k in r:
-                r[k] = os.path.join(samples.root, r[k])
-    data = tmp_path_factory.mktemp("data") / "eight.json"
-    data.write_text(json.dumps(pick))
+    subset = training_subset(4)
     torch.manual_seed(0)
     model = HealthGPT(HealthGPTConfig.preset("tiny", **MICRO))
-    return {"cache": cache, "data": str(data), "model": model}
+    return {**subset, "model": model}
 
 
 def _is(name, part):
