@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hlora
 from hlora.functional import hlora_linear, router_gates
@@ -175,3 +177,20 @@ def test_plugin_config_validates():
     assert again == cfg and again.plugin_names == ["comp", "gen"]
     with pytest.raises(ValueError, match="unknown HLoRAConfig fields"):
         hlora.HLoRAConfig.from_dict({**cfg.to_dict(), "rank": 3})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 9),
+    d_in=st.integers(1, 13),
+    d_out=st.integers(1, 11),
+    plugins=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.floats(0.1, 8.0)), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_and_routing_matches_the_formula(T, d_in, d_out, plugins, seed):
+    specs = [(r * k, k, s) for r, k, s in plugins]  # r per expert, k experts
+    W, b, ps = make(d_in, d_out, specs, torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g, dtype=torch.float64)
+    token_plugin = None if len(specs) == 1 else torch.randint(-1, len(specs), (T,), generator=g)
+    torch.testing.assert_close(run(x, W, b, ps, token_plugin), reference(x, W, b, ps, token_plugin), **TOL[torch.float64])
