@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import PluginConfig
 from .functional import hlora_linear, router_gates
+from .routing import Routing
 
 __all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable"]
 
@@ -119,7 +120,7 @@ class AdapterLayer(nn.Module):
 
     Routing (set through ``hlora.set_task``) is layer state, not a one-shot hook, so gradient
     checkpointing's recompute sees the same routing as the original forward:
-    ``None`` (base only), an int plugin index, or a per-sample int tensor (-1 = base only).
+    ``None`` (base only) or a ``Routing`` shared by all layers of the model.
     """
 
     plugin_cls: type = Plugin
@@ -138,9 +139,8 @@ class AdapterLayer(nn.Module):
         self.plugin_names = list(plugin_names)  # model-wide order: index i means plugin_names[i]
         for name, cfg in plugins.items():
             self.add_plugin(name, cfg)
-        self.routing = None
+        self.routing: Routing | None = None
         self.merged: str | None = None
-        self._token_cache: tuple | None = None
 
     def add_plugin(self, name: str, cfg: PluginConfig) -> None:
         if name not in self.plugin_names:
@@ -160,36 +160,15 @@ class AdapterLayer(nn.Module):
 
     # ---- routing --------------------------------------------------------------------------------
 
-    def set_routing(self, routing) -> None:
-        """``None``, an int index into ``plugin_names``, or a CPU int64 tensor [batch]."""
-        self.routing = routing
-        self._token_cache = None
+    def set_routing(self, routing: Routing | int | None) -> None:
+        """``None`` (base only), a ``Routing``, or an int plugin index (the whole batch)."""
+        self.routing = Routing((routing,)) if isinstance(routing, int) else routing
 
     def _route(self, x: torch.Tensor):
-        """-> (plugin names active, per-token index into them [T] or None when all tokens share one)."""
-        routing = self.routing
-        if routing is None:
+        """-> (active plugin names, per-token index into them [T], or None when all tokens share one)."""
+        if self.routing is None:
             return [], None
-        if isinstance(routing, int):
-            return [self.plugin_names[routing]], None
-        batch = routing.numel()
-        if x.dim() < 2 or x.shape[0] != batch:
-            raise ValueError(
-                f"per-sample routing holds {batch} tasks but the layer got input of shape {tuple(x.shape)} "
-                f"(batch dimension first expected); call hlora.set_task with one task per sample of this batch"
-            )
-        active = sorted(set(routing.tolist()) - {-1})
-        names = [self.plugin_names[i] for i in active]
-        if len(active) == 1 and bool((routing == active[0]).all()):
-            return names, None
-        key = (x.device, x.shape[:-1])
-        if self._token_cache is None or self._token_cache[0] != key:
-            remap = torch.full((len(self.plugin_names) + 1,), -1, dtype=torch.int64)
-            remap[torch.tensor(active, dtype=torch.int64)] = torch.arange(len(active))
-            per_sample = remap[routing]  # -1 stays -1 (remap[-1] is the spare -1 slot)
-            per_token = per_sample.repeat_interleave(x.numel() // x.shape[-1] // batch)
-            self._token_cache = (key, per_token.to(x.device, non_blocking=True))
-        return names, self._token_cache[1]
+        return [self.plugin_names[i] for i in self.routing.active], self.routing.token_plugin(x)
 
     # ---- forward --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .config import HLoRAConfig
 from .layer import LAYER_CLASSES, AdapterLayer, is_adaptable
+from .routing import Routing
 
 __all__ = [
     "inject",
@@ -178,11 +179,11 @@ def _plugin_index(names: list, t) -> int:
     raise ValueError(f"task {t!r} is neither a plugin name, None, nor an index in [-1, {len(names)})")
 
 
-def _to_routing(names: list, task: Task):
+def _to_routing(names: list, task: Task) -> Routing | None:
     if task is None:
         return None
     if isinstance(task, str):
-        return _plugin_index(names, task)
+        return Routing((_plugin_index(names, task),))
     if isinstance(task, torch.Tensor):
         if task.dtype.is_floating_point or task.dtype == torch.bool or task.dim() != 1:
             raise ValueError(f"a task tensor must be a 1-D integer tensor of plugin indices, got {task.dtype} {tuple(task.shape)}")
@@ -190,11 +191,11 @@ def _to_routing(names: list, task: Task):
         bad = ids[(ids < -1) | (ids >= len(names))]
         if bad.numel():
             raise ValueError(f"task indices {bad.tolist()} are outside [-1, {len(names)}) for plugins {names}")
-        return ids
+        return Routing.from_sample_ids(ids)
     if isinstance(task, (list, tuple)):
         if not task:
             raise ValueError("an empty task list routes no sample")
-        return torch.tensor([_plugin_index(names, t) for t in task], dtype=torch.int64)
+        return Routing.from_sample_ids(torch.tensor([_plugin_index(names, t) for t in task], dtype=torch.int64))
     raise TypeError(f"task must be a plugin name, None, a list of names, or an int tensor; got {type(task).__name__}")
 
 

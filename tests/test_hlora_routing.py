@@ -102,9 +102,11 @@ def test_routing_errors_are_clear(tiny_model, inputs_for):
         hlora.set_task(model, torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="integer tensor"):
         hlora.set_task(model, torch.tensor([0.0, 1.0]))
+    for tasks in (["comp", "gen"], ["gen", "gen"]):
+        hlora.set_task(model, tasks)
+        with pytest.raises(ValueError, match="routing holds 2 tasks but the layer got input of shape"):
+            model(input_ids=inputs_for("llama", batch=3)["input_ids"])
     hlora.set_task(model, ["comp", "gen"])
-    with pytest.raises(ValueError, match="routing holds 2 tasks but the layer got input of shape"):
-        model(input_ids=inputs_for("llama", batch=3)["input_ids"])
     with pytest.raises(RuntimeError, match="no hlora plugins"):
         hlora.set_task(tiny_model("llama"), "comp")
     with pytest.raises(ValueError, match="unknown task"):
