@@ -346,26 +346,9 @@ class HealthGPT(nn.Module):
     def collate(self, samples: list, pad_to_multiple_of: int | None = None) -> dict:
         """``prepare_sample`` outputs -> a right-padded batch for ``forward``: ``input_ids``,
         ``attention_mask``, ``labels`` [B, T], ``images`` [N, 3, S, S] or None, ``tasks``."""
-        if not samples:
-            raise ValueError("cannot collate an empty list of samples")
-        T = max(len(s["input_ids"]) for s in samples)
-        if pad_to_multiple_of:
-            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-        B = len(samples)
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for b, s in enumerate(samples):
-            n = len(s["input_ids"])
-            input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], 1
-        pixels = [s["images"] for s in samples if s["images"] is not None]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "images": torch.cat(pixels) if pixels else None,
-            "tasks": [s["task"] for s in samples],
-        }
+        from .data.dataset import Collator
+
+        return Collator(self.pad_id, pad_to_multiple_of)(samples)
 
     # ---- inference ----------------------------------------------------------------------------------
 

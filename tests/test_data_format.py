@@ -173,10 +173,15 @@ def test_collator_pads_and_routes_mixed_batches(sample_set):
     start = g.index(v.start)
     codes = torch.tensor(g[start + 1 : start + 1 + model.num_image_codes]) - v.code0
     assert torch.equal(codes, cache.get(ds.samples[gen].target_image)) and g[start + 1 + model.num_image_codes] == v.end
-    # identical to the model's own collate, and the model takes the mixed batch (per-sample routing)
-    ref = model.collate(feats)
-    for k in ("input_ids", "labels", "attention_mask", "images"):
-        assert torch.equal(batch[k], ref[k])
+    # right padding: each row holds its sample, then pad ids that are masked and unsupervised
+    for b, f in enumerate(feats):
+        n = len(f["input_ids"])
+        assert torch.equal(batch["input_ids"][b, :n], f["input_ids"]) and torch.equal(batch["labels"][b, :n], f["labels"])
+        assert (batch["input_ids"][b, n:] == model.pad_id).all() and (batch["labels"][b, n:] == -100).all()
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert batch["images"].shape[0] == sum(f["images"].shape[0] for f in feats if f["images"] is not None)
+    assert batch["tasks"] == [f["task"] for f in feats]
+    # and the model takes the mixed batch (per-sample routing)
     out = model(**batch)
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError):
