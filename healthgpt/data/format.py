@@ -103,13 +103,21 @@ class LoadReport:
 
 
 def read_rows(path: str | os.PathLike) -> list:
-    """The raw rows of a ``.json`` or ``.jsonl`` file (no validation)."""
+    """The raw rows of a JSON or JSON Lines file (no validation). JSON may hold a list of rows, an
+    object with one list of rows (``data``, ``rows`` or ``samples`` first), or an object of
+    id -> row; a ``.json`` file that is not one JSON document is read as JSON Lines."""
     path = str(path)
     if not os.path.isfile(path):
-        raise DataError(f"training file {path} does not exist")
+        raise DataError(f"data file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if path.endswith(".jsonl"):
+    data = None
+    if not path.endswith(".jsonl"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # maybe JSON Lines under a .json name
+    if data is None:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -118,18 +126,19 @@ def read_rows(path: str | os.PathLike) -> list:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {n} is not JSON: {e}") from None
         return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not JSON: {e}") from None
+    if isinstance(data, list):
+        return data
     if isinstance(data, dict):
         for key in ("data", "rows", "samples"):
             if isinstance(data.get(key), list):
                 return data[key]
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            return lists[0]
+        if data and all(isinstance(v, dict) for v in data.values()):
+            return [{"id": k, **v} for k, v in data.items()]
         raise DataError(f"{path}: expected a list of rows (or an object with a 'data' list), got an object with keys {sorted(data)[:8]}")
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
-    return data
+    raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
 
 
 def write_rows(rows: list, path: str | os.PathLike) -> str:

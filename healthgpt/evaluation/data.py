@@ -82,33 +82,11 @@ IMAGE_SUBFOLDERS = ("", "imgs", "images", "VQA_RAD Image Folder")
 
 
 def read_records(path) -> list[dict]:
-    """Rows of a ``.jsonl`` or ``.json`` file (layouts in the module docstring)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    data = None
-    if path.suffix.lower() != ".jsonl":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None      # maybe JSON Lines under a .json name
-    if data is None:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
-        return rows
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
-            return lists[0]
-        if data and all(isinstance(v, dict) for v in data.values()):
-            return [{"id": k, **v} for k, v in data.items()]
-    raise ValueError(f"{path}: expected a list of objects")
+    """Rows of a ``.jsonl`` or ``.json`` file (layouts in the module docstring; the one reader
+    ``healthgpt.data.read_rows`` parses it)."""
+    from ..data.format import read_rows
+
+    return read_rows(path)
 
 
 def resolve_path(p, base: Path) -> str | None:
