@@ -14,7 +14,7 @@ import importlib
 import sys
 import warnings
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_arguments", "model_from_args", "CLIError"]
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "subcommand", "add_model_arguments", "model_from_args", "CLIError"]
 
 SUBCOMMANDS = {
     "answer": "healthgpt.cli_infer:register_answer",
@@ -27,6 +27,26 @@ SUBCOMMANDS = {
     "data": "healthgpt.data.cli:register",
 }
 """subcommand name -> ``"module:function"``; the function takes the argparse subparsers object."""
+
+
+def subcommand(name: str, help: str, doc: str, add_arguments, run):
+    """-> ``(register, main)`` for a subcommand whose module has ``add_arguments(parser)`` and
+    ``run(args) -> int``: ``register`` goes into ``SUBCOMMANDS``, ``main(argv)`` runs it on its own
+    (``python -m``, as torchrun needs). The module docstring's first line describes it; the rest is the epilog."""
+    texts = dict(description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def register(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help, **texts)
+        add_arguments(parser)
+        parser.set_defaults(func=run)
+        return parser
+
+    def main(argv=None) -> int:
+        parser = argparse.ArgumentParser(prog=f"healthgpt {name}", **texts)
+        add_arguments(parser)
+        return run(parser.parse_args(argv))
+
+    return register, main
 
 
 class CLIError(Exception):

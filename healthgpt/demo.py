@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from .cli import subcommand
 
 __all__ = ["add_demo_arguments", "run_demo", "register", "demo", "loss_fell"]
 
@@ -164,20 +165,7 @@ def demo(out: str = "healthgpt-demo", steps: int = 30, image_size: int = 64, cac
     return summary
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """``healthgpt demo`` for ``healthgpt.cli.SUBCOMMANDS`` (``"demo": "healthgpt.demo:register"``)."""
-    parser = subparsers.add_parser("demo", help="train the tiny model through stages 1-3 on real images, on this CPU",
-                                   description=__doc__.splitlines()[0], epilog=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_demo_arguments(parser)
-    parser.set_defaults(func=run_demo)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="healthgpt demo", description=__doc__.splitlines()[0])
-    add_demo_arguments(parser)
-    return run_demo(parser.parse_args(argv))
+register, main = subcommand('demo', 'train the tiny model through stages 1-3 on real images, on this CPU', __doc__, add_demo_arguments, run_demo)
 
 
 if __name__ == "__main__":

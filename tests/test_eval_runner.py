@@ -305,9 +305,10 @@ def test_runner_rejects_wrong_answer_count(tmp_path):
         run_text("vqa-rad", samples, lambda i, p: [], tmp_path, progress=False)
 
 
-def test_stand_alone_main(slake, tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_cli, "run_eval", lambda args: 7)
-    assert eval_cli.main(["--bench", "slake", "--data", str(slake), "--out", str(tmp_path)]) == 7
+def test_stand_alone_main(tmp_path, capsys):
+    # the stand-alone entry point parses like `healthgpt eval` and runs the real command
+    assert eval_cli.main(["--bench", "slake", "--predictions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "no such predictions file" in capsys.readouterr().err
 
 
 def test_dicom_targets_through_the_default_loader(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from ..cli import subcommand
 
 __all__ = ["add_data_arguments", "run_data", "register"]
 
@@ -110,21 +111,7 @@ def _run(args) -> int:
     raise ValueError(f"unknown data command {args.data_command!r}")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """``healthgpt data`` for ``healthgpt.cli.SUBCOMMANDS`` (``"data": "healthgpt.data.cli:register"``)."""
-    parser = subparsers.add_parser("data", help="convert datasets, build the sample set, check training files",
-                                   description=__doc__.splitlines()[0], epilog=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(parser)
-    parser.set_defaults(func=run_data)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="healthgpt data", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_data_arguments(parser)
-    return run_data(parser.parse_args(argv))
+register, main = subcommand('data', 'convert datasets, build the sample set, check training files', __doc__, add_data_arguments, run_data)
 
 
 if __name__ == "__main__":

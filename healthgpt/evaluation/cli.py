@@ -23,6 +23,7 @@ from .data import BENCHMARKS, load_samples
 from .report import bench_tables, combined_tables
 from .runner import PREDICTIONS, default_image_loader, read_predictions, run_image, run_text
 from .scoring import LPIPS_UNAVAILABLE, score_image_rows, score_text_rows
+from ..cli import subcommand
 
 __all__ = ["add_eval_arguments", "run_eval", "register", "main"]
 
@@ -158,20 +159,7 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
     return 0
 
 
-def register(subparsers) -> None:
-    """Add the ``eval`` subcommand to ``healthgpt``'s subparsers (``healthgpt.cli.SUBCOMMANDS``
-    entry ``"eval": "healthgpt.evaluation.cli:register"``)."""
-    p = subparsers.add_parser("eval", help="score a model on the paper's benchmarks and print its tables",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_arguments(p)
-    p.set_defaults(func=run_eval)
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m healthgpt.evaluation.cli``)."""
-    parser = add_eval_arguments(argparse.ArgumentParser(prog="healthgpt eval", description=__doc__,
-                                                        formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_eval(parser.parse_args(argv))
+register, main = subcommand('eval', "score a model on the paper's benchmarks and print its tables", __doc__, add_eval_arguments, run_eval)
 
 
 if __name__ == "__main__":  # pragma: no cover

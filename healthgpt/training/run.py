@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from ..cli import subcommand
 
 __all__ = ["add_train_arguments", "run_train", "register", "train_stage", "StageResult", "TrainError", "STAGE_FILE"]
 
@@ -497,18 +498,4 @@ def _save_final(trainer, model, output: str, main: bool, rebuild) -> None:
         args.distributed_state.wait_for_everyone()
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """``healthgpt train`` for ``healthgpt.cli.SUBCOMMANDS`` (``"train": "healthgpt.training.run:register"``)."""
-    parser = subparsers.add_parser("train", help="train one stage of the three-stage recipe",
-                                   description=__doc__.splitlines()[0], epilog=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(parser)
-    parser.set_defaults(func=run_train)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="healthgpt train", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+register, main = subcommand('train', 'train one stage of the three-stage recipe', __doc__, add_train_arguments, run_train)
