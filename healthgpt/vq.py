@@ -164,7 +164,7 @@ class VQTokenizer(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         text = json.dumps(self.config.to_dict(), indent=2)
-        atomic_write(os.path.join(directory, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
+        atomic_write(os.path.join(directory, CONFIG_FILE), text)
         return str(directory)
 
     @classmethod

@@ -100,7 +100,7 @@ def save_model(model, directory: str | os.PathLike) -> str:
     if model.healthgpt_config.vision_path is None:
         _save_tensors(model.vision.state_dict(), os.path.join(directory, VISION_FILE))
     text = model.healthgpt_config.to_json()
-    atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: open(tmp, "w").write(text))
+    atomic_write(os.path.join(directory, CONFIG_NAME), text)
     return directory
 
 

@@ -58,13 +58,18 @@ def plugin_state_dict(model: nn.Module, plugins=None) -> dict:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the
-    new one, never a partial write."""
+    """Write ``path`` so that readers see the old file or the new one, never a partial write:
+    ``write`` is the text to store, or a callable that writes the temporary file it is given;
+    then fsync and rename over ``path``."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
-        write(tmp)
+        if isinstance(write, str):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(write)
+        else:
+            write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,7 +90,7 @@ def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
     state = {k: v.detach().contiguous().clone() for k, v in plugin_state_dict(model, plugins).items()}
     meta = {_META_KEY: sub.to_json(), "format": "pt"}
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write(os.path.join(path, CONFIG_NAME), lambda tmp: open(tmp, "w").write(sub.to_json()))
+    atomic_write(os.path.join(path, CONFIG_NAME), sub.to_json())
     return str(path)
 
 

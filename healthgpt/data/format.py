@@ -40,6 +40,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from hlora.io import atomic_write
 
 __all__ = [
     "DataError",
@@ -145,15 +146,11 @@ def write_rows(rows: list, path: str | os.PathLike) -> str:
     """Write rows as pretty JSON (``.json``) or JSON Lines (``.jsonl``), atomically."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-    os.replace(tmp, path)
+    if path.endswith(".jsonl"):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        text = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(path, text)
     return path
 
 

@@ -9,10 +9,10 @@ does (anterior up, patient's right on the image's left).
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
+from hlora.io import atomic_write
 
 __all__ = [
     "load_volume",
@@ -124,15 +124,7 @@ def save_png(img: np.ndarray, path: str | os.PathLike) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if img.dtype != np.uint8:
         raise TypeError(f"save_png needs uint8 pixels, got {img.dtype}")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
     return path
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
+from hlora.io import atomic_write
 
 __all__ = ["VQCache", "file_digest", "tokenizer_fingerprint"]
 
@@ -87,15 +87,7 @@ class VQCache:
         p = self.path_for(image_path)
         os.makedirs(os.path.dirname(p), exist_ok=True)
         arr = ids.detach().to("cpu").numpy().astype(np.int16 if int(ids.max()) < 32768 else np.int32)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=".tmp-", suffix=".npy")
-        os.close(fd)
-        try:
-            np.save(tmp, arr)
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(p, lambda tmp: np.save(tmp, arr))
         return p
 
     def encode_all(self, paths, batch_size: int = 8, progress: bool = False) -> dict:

@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from ..cli import subcommand
+from hlora.io import atomic_write
 
 __all__ = ["add_train_arguments", "run_train", "register", "train_stage", "StageResult", "TrainError", "STAGE_FILE"]
 
@@ -459,10 +460,7 @@ def train_stage(
     if main:
         with open(os.path.join(output, "training_args.json"), "w") as f:
             f.write(targs.to_json_string())
-        tmp = os.path.join(output, STAGE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(output, STAGE_FILE))
+        atomic_write(os.path.join(output, STAGE_FILE), json.dumps(summary, indent=1))
     png = os.path.join(output, LOSS_PNG)
     return StageResult(output=output, stage=stage, task=task, steps=trainer.state.global_step, losses=losses,
                        first_loss=summary["first_loss"], last_loss=summary["last_loss"], seconds=summary["seconds"],
