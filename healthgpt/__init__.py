@@ -6,13 +6,13 @@
     model.generate_image("ct.nii.gz", "Convert this CT slice to MRI.").save("mri.png")
 """
 
-from .config import PRESETS, TASKS, HealthGPTConfig
-from .convert import convert_taming_checkpoint
-from .images import ImageLoadError, load_image
-from .model import HealthGPT
-from .templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES
-from .tokenizer import GenerationVocab
-from .vq import VQConfig, VQTokenizer
+from healthgpt.model.config import PRESETS, TASKS, HealthGPTConfig
+from healthgpt.model.vq_convert import convert_taming_checkpoint
+from healthgpt.data.images import ImageLoadError, load_image
+from healthgpt.model.healthgpt import HealthGPT
+from healthgpt.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES
+from healthgpt.model.tokenizer import GenerationVocab
+from healthgpt.model.vq import VQConfig, VQTokenizer
 
 __all__ = [
     "HealthGPT",

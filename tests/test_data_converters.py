@@ -229,7 +229,7 @@ def test_merge_files_rewrites_relative_paths(tmp_path):
 
 
 def test_data_cli(tmp_path, capsys):
-    from healthgpt.data.cli import main
+    from healthgpt.cli.data import main
 
     root = _vqa_rad(tmp_path / "vqarad", missing=True)
     out = str(tmp_path / "t.json")

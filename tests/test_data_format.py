@@ -128,8 +128,8 @@ def test_sample_set_is_real_deterministic_and_valid(sample_set, tmp_path):
 
 
 def test_vq_cache_is_keyed_by_content(tmp_path):
-    from healthgpt.config import TINY_VQ
-    from healthgpt.vq import VQTokenizer
+    from healthgpt.model.config import TINY_VQ
+    from healthgpt.model.vq import VQTokenizer
 
     torch.manual_seed(0)
     tok = VQTokenizer(dict(TINY_VQ, resolution=32))
@@ -151,8 +151,8 @@ def test_vq_cache_is_keyed_by_content(tmp_path):
 
 
 def test_collator_pads_and_routes_mixed_batches(sample_set):
-    from healthgpt.config import TINY_VQ, HealthGPTConfig
-    from healthgpt.model import HealthGPT
+    from healthgpt.model.config import TINY_VQ, HealthGPTConfig
+    from healthgpt.model.healthgpt import HealthGPT
 
     torch.manual_seed(0)
     model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=dict(TINY_VQ, resolution=32)))

@@ -17,7 +17,7 @@ if not hasattr(healthgpt, "HealthGPT"):
     pytest.skip("healthgpt.HealthGPT is not available yet", allow_module_level=True)
 
 from healthgpt.evaluation import model_adapter  # noqa: E402
-from healthgpt.evaluation.cli import add_eval_arguments, run_eval  # noqa: E402
+from healthgpt.cli.eval import add_eval_arguments, run_eval  # noqa: E402
 from healthgpt.evaluation.runner import read_predictions  # noqa: E402
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from healthgpt.evaluation import cli as eval_cli
-from healthgpt.evaluation.cli import add_eval_arguments, run_eval
+from healthgpt.cli import eval as eval_cli
+from healthgpt.cli.eval import add_eval_arguments, run_eval
 from healthgpt.evaluation.data import load_samples, parse_options
 from healthgpt.evaluation.lpips import LPIPS
 from healthgpt.evaluation.runner import read_predictions, repair_jsonl, run_text
@@ -331,7 +331,7 @@ def test_registers_as_healthgpt_subcommand(slake, tmp_path):
     hcli = pytest.importorskip("healthgpt.cli")
     if not hasattr(hcli, "build_parser"):
         pytest.skip("healthgpt.cli has no build_parser")
-    parser = hcli.build_parser({"eval": "healthgpt.evaluation.cli:register"})
+    parser = hcli.build_parser({"eval": "healthgpt.cli.eval:register"})
     rows = [dict(id="1", question="q", answer="yes", prediction="yes", answer_type="closed")]
     args = parser.parse_args(["eval", "--bench", "vqa-rad", "--predictions",
                               str(_write(tmp_path / "p.jsonl", rows, jsonl=True)), "--out", str(tmp_path / "o")])

@@ -54,6 +54,6 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_subcommand_registry_is_extensible():
     assert {"answer", "generate", "convert-vqgan", "convert-release"} <= set(SUBCOMMANDS)
-    parser = build_parser({"answer": "healthgpt.cli_infer:register_answer"})
+    parser = build_parser({"answer": "healthgpt.cli.infer:register_answer"})
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"answer"}

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from healthgpt import HealthGPT
-from healthgpt.generation import sample_next
+from healthgpt.model.generation import sample_next
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from healthgpt import ImageLoadError, load_image
-from healthgpt.vision import ImageProcessor
+from healthgpt.model.vision import ImageProcessor
 
 NIB_DATA = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
 

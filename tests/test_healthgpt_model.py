@@ -7,8 +7,8 @@ from PIL import Image
 
 import hlora
 from healthgpt import IGNORE_INDEX, IMAGE_TOKEN_INDEX, HealthGPT, HealthGPTConfig
-from healthgpt.config import TINY_PHI3, _plugins
-from healthgpt.tokenizer import load_base_tokenizer
+from healthgpt.model.config import TINY_PHI3, _plugins
+from healthgpt.model.tokenizer import load_base_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -298,7 +298,7 @@ def test_tied_embeddings_get_the_mean_rows_once():
 
 
 def test_phi4_template_renders_the_release_format():
-    from healthgpt.templates import TEMPLATES
+    from healthgpt.model.templates import TEMPLATES
 
     text, spans = TEMPLATES["phi4"].render([("user", "Q"), ("assistant", "A")], system="S", generation_prefix=None)
     assert text == "<|im_start|>system<|im_sep|>\nS<|im_end|>\n<|im_start|>user<|im_sep|>\nQ<|im_end|>\n<|im_start|>assistant<|im_sep|>\nA<|im_end|>"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from healthgpt import VQConfig, VQTokenizer, convert_taming_checkpoint
-from healthgpt.convert import ConversionError
+from healthgpt.model.vq_convert import ConversionError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -246,7 +246,7 @@ def test_openimages_f8_layout_and_image_round_trip():
         ("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
         ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
     )
-    from healthgpt.config import TINY_VQ
+    from healthgpt.model.config import TINY_VQ
     from PIL import Image
 
     torch.manual_seed(0)

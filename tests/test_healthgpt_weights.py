@@ -11,7 +11,7 @@ from PIL import Image
 
 import hlora
 from healthgpt import HealthGPT, HealthGPTConfig
-from healthgpt.weights import CheckpointError
+from healthgpt.model.weights import CheckpointError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,8 +98,8 @@ def test_base_checkpoints_from_local_directories(tmp_path):
     """Real presets read the LLM, tokenizer and CLIP from local directories and save only paths."""
     from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
 
-    from healthgpt.config import TINY_CLIP, TINY_PHI3
-    from healthgpt.tokenizer import load_base_tokenizer
+    from healthgpt.model.config import TINY_CLIP, TINY_PHI3
+    from healthgpt.model.tokenizer import load_base_tokenizer
 
     torch.manual_seed(3)
     base = Phi3ForCausalLM(Phi3Config(**TINY_PHI3))
@@ -133,9 +133,9 @@ def test_base_checkpoint_with_missing_weights_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from healthgpt.config import TINY_PHI3
+    from healthgpt.model.config import TINY_PHI3
 
-    from healthgpt.tokenizer import load_base_tokenizer
+    from healthgpt.model.tokenizer import load_base_tokenizer
 
     Phi3ForCausalLM(Phi3Config(**TINY_PHI3)).save_pretrained(tmp_path / "phi3")
     load_base_tokenizer(None).save_pretrained(tmp_path / "phi3")

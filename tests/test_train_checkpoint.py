@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from healthgpt.config import TINY_VQ
+from healthgpt.model.config import TINY_VQ
 from healthgpt.training.run import train_stage
 from healthgpt.training.trainer import STAGING_PREFIX, TRAINABLE_FILE
 
@@ -24,7 +24,7 @@ MICRO = {"image_tokenizer_config": dict(TINY_VQ, resolution=32)}
 WORKER = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from healthgpt.config import TINY_VQ
+    from healthgpt.model.config import TINY_VQ
     from healthgpt.training.run import train_stage
 
     out, data, cache = sys.argv[1:4]

@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from healthgpt.demo import add_demo_arguments, demo, loss_fell, run_demo
+from healthgpt.training.demo import add_demo_arguments, demo, loss_fell, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -48,8 +48,8 @@ def test_demo_arguments_and_loss_helper():
 def test_subcommands_register_with_the_healthgpt_cli():
     from healthgpt.cli import build_parser
 
-    parser = build_parser({"train": "healthgpt.training.run:register", "demo": "healthgpt.demo:register",
-                           "data": "healthgpt.data.cli:register"})
+    parser = build_parser({"train": "healthgpt.training.run:register", "demo": "healthgpt.training.demo:register",
+                           "data": "healthgpt.cli.data:register"})
     args = parser.parse_args(["train", "--stage", "3", "--task", "gen", "--data", "d.json", "--output", "o", "--preset", "m3"])
     assert (args.stage, args.task, args.preset, args.func.__name__) == (3, "gen", "m3", "run_train")
     assert parser.parse_args(["demo"]).func.__name__ == "run_demo"

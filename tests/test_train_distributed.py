@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from safetensors.torch import load_file
 
-from healthgpt.config import TINY_VQ
+from healthgpt.model.config import TINY_VQ
 from healthgpt.training.run import train_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
@@ -25,7 +25,7 @@ RUN = dict(stage=3, task="mixed", preset="tiny", max_steps=3, global_batch_size=
 
 WORKER = textwrap.dedent("""
     import json, sys
-    from healthgpt.config import TINY_VQ
+    from healthgpt.model.config import TINY_VQ
     from healthgpt.training.run import train_stage
 
     out, data, cache, run = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from healthgpt.config import TINY_VQ, HealthGPTConfig
+from healthgpt.model.config import TINY_VQ, HealthGPTConfig
 from healthgpt.training.run import train_stage
 from healthgpt.training.trainer import TRAINABLE_FILE
 
@@ -31,7 +31,7 @@ class StopAfterSave(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def env(training_subset):
-    from healthgpt.model import HealthGPT
+    from healthgpt.model.healthgpt import HealthGPT
 
     subset = training_subset(6)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from healthgpt.config import TINY_VQ, HealthGPTConfig
+from healthgpt.model.config import TINY_VQ, HealthGPTConfig
 from healthgpt.training import PRESETS, apply_stage, plan_stage
 from healthgpt.training.run import TrainError, train_stage
 
@@ -19,7 +19,7 @@ MICRO = {"image_tokenizer_config": dict(TINY_VQ, resolution=32)}  # 4 x 4 = 16 i
 
 @pytest.fixture(scope="module")
 def env(training_subset):
-    from healthgpt.model import HealthGPT
+    from healthgpt.model.healthgpt import HealthGPT
 
     subset = training_subset(4)
     torch.manual_seed(0)

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import imaging
-from .format import DataError, read_rows, write_rows
+from healthgpt.data import imaging
+from healthgpt.data.format import DataError, read_rows, write_rows
 
 __all__ = [
     "ConvertReport",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .format import DataError, load_samples
-from .vq_cache import VQCache
+from healthgpt.data.format import DataError, load_samples
+from healthgpt.data.vq_cache import VQCache
 
 __all__ = ["TrainingDataset", "Collator", "build_dataset", "IGNORE_INDEX"]
 
@@ -114,7 +114,7 @@ def build_dataset(
     cache, codes = None, {}
     if targets:
         if cache_dir is None:
-            from .samples import default_cache_dir
+            from healthgpt.data.samples import default_cache_dir
 
             cache_dir = default_cache_dir()
         tokenizer = model.image_tokenizer

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import imaging
-from .format import write_rows
+from healthgpt.data import imaging
+from healthgpt.data.format import write_rows
 
 __all__ = ["SampleSet", "build_sample_set", "default_cache_dir", "SAMPLESET_VERSION"]
 

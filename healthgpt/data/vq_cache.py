@@ -6,7 +6,7 @@ different tokenizer never reads another's ids. One ``.npy`` (int16, [num_tokens]
 written atomically; readers never see a partial file, and concurrent writers (several ranks)
 write identical bytes.
 
-    cache = VQCache(root, tokenizer)        # tokenizer: healthgpt.vq.VQTokenizer
+    cache = VQCache(root, tokenizer)        # tokenizer: healthgpt.model.vq.VQTokenizer
     ids = cache.encode_all(paths)           # {path: LongTensor[num_tokens]}; misses encoded in batches
 """
 
@@ -92,7 +92,7 @@ class VQCache:
 
     def encode_all(self, paths, batch_size: int = 8, progress: bool = False) -> dict:
         """{path: ids} for every path; cached ones are read, the rest encoded (in batches) and stored."""
-        from ..images import load_image
+        from healthgpt.data.images import load_image
 
         unique = list(dict.fromkeys(str(p) for p in paths))
         out, todo = {}, []

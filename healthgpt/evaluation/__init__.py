@@ -1,6 +1,6 @@
 """Evaluation suite of HealthGPT: the paper's benchmarks, scorers and tables.
 
-Entry point: ``healthgpt eval`` (``cli.add_eval_arguments`` / ``cli.run_eval``).
+Entry point: ``healthgpt eval`` (``healthgpt.cli.eval``).
 
 Modules:
 
@@ -16,11 +16,11 @@ Modules:
 - ``report``: markdown tables in the paper's layouts.
 """
 
-from .choice import match_choice, score_choice, summarise_choice
-from .data import BENCHMARKS, load_samples
-from .image_metrics import mse, psnr, ssim, to_gray255
-from .normalise import canonical_modality, normalise_answer, yes_no
-from .vqa import open_recall, score_closed, summarise_vqa
+from healthgpt.evaluation.choice import match_choice, score_choice, summarise_choice
+from healthgpt.evaluation.data import BENCHMARKS, load_samples
+from healthgpt.evaluation.image_metrics import mse, psnr, ssim, to_gray255
+from healthgpt.evaluation.normalise import canonical_modality, normalise_answer, yes_no
+from healthgpt.evaluation.vqa import open_recall, score_closed, summarise_vqa
 
 __all__ = [
     "BENCHMARKS", "load_samples", "normalise_answer", "yes_no", "canonical_modality",

@@ -35,7 +35,7 @@ import difflib
 import re
 from collections import defaultdict
 
-from .normalise import TABLE9_MODALITIES, canonical_modality, contains_tokens, normalise_answer, tokens
+from healthgpt.evaluation.normalise import TABLE9_MODALITIES, canonical_modality, contains_tokens, normalise_answer, tokens
 
 __all__ = ["LETTERS", "extract_letter", "match_choice", "gt_index", "score_choice",
            "choice_prompt", "summarise_choice"]

@@ -52,8 +52,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .choice import LETTERS
-from .vqa import answer_type_of
+from healthgpt.evaluation.choice import LETTERS
+from healthgpt.evaluation.vqa import answer_type_of
 
 __all__ = ["Benchmark", "BENCHMARKS", "load_samples", "read_records", "resolve_path",
            "default_instruction", "parse_options"]
@@ -84,7 +84,7 @@ IMAGE_SUBFOLDERS = ("", "imgs", "images", "VQA_RAD Image Folder")
 def read_records(path) -> list[dict]:
     """Rows of a ``.jsonl`` or ``.json`` file (layouts in the module docstring; the one reader
     ``healthgpt.data.read_rows`` parses it)."""
-    from ..data.format import read_rows
+    from healthgpt.data.format import read_rows
 
     return read_rows(path)
 

@@ -14,8 +14,8 @@ images (as in the paper).
 
 from __future__ import annotations
 
-from .data import BENCHMARKS
-from .normalise import TABLE9_MODALITIES
+from healthgpt.evaluation.data import BENCHMARKS
+from healthgpt.evaluation.normalise import TABLE9_MODALITIES
 
 __all__ = ["table1", "table9", "image_table", "details_table", "bench_tables", "combined_tables"]
 

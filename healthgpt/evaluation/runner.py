@@ -27,8 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .choice import choice_prompt
-from .data import BENCHMARKS
+from healthgpt.evaluation.choice import choice_prompt
+from healthgpt.evaluation.data import BENCHMARKS
 
 __all__ = ["AnswerBatch", "GenerateBatch", "default_image_loader", "read_predictions",
            "repair_jsonl", "safe_name", "prompt_for", "run_text", "run_image", "PREDICTIONS"]
@@ -47,7 +47,7 @@ def default_image_loader() -> Callable:
     except ImportError:
         pass
     try:
-        from healthgpt.images import load_image  # type: ignore[no-redef]
+        from healthgpt.data.images import load_image  # type: ignore[no-redef]
         return load_image
     except ImportError:
         from PIL import Image

@@ -18,10 +18,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from .choice import score_choice, summarise_choice
-from .data import BENCHMARKS
-from .image_metrics import image_scores, resize_to, to_gray255
-from .vqa import score_vqa_row, summarise_vqa
+from healthgpt.evaluation.choice import score_choice, summarise_choice
+from healthgpt.evaluation.data import BENCHMARKS
+from healthgpt.evaluation.image_metrics import image_scores, resize_to, to_gray255
+from healthgpt.evaluation.vqa import score_vqa_row, summarise_vqa
 
 __all__ = ["score_rows", "score_text_rows", "score_image_rows", "summarise_images", "make_panel",
            "TASK_ORDER", "LPIPS_UNAVAILABLE"]
@@ -133,8 +133,8 @@ def score_image_rows(bench: str, rows: list[dict], base_dir, load_image: Callabl
                      panels_dir=None) -> tuple[dict, list[dict]]:
     """Summary and per-image scores of an image benchmark; draws missing panels into
     ``panels_dir`` when given."""
-    from .lpips import lpips_distance
-    from .runner import safe_name
+    from healthgpt.evaluation.lpips import lpips_distance
+    from healthgpt.evaluation.runner import safe_name
     base = Path(base_dir)
     if panels_dir is not None:
         Path(panels_dir).mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .choice import score_choice
-from .normalise import contains_tokens, is_yes_no, normalise_answer, tokens, yes_no
+from healthgpt.evaluation.choice import score_choice
+from healthgpt.evaluation.normalise import contains_tokens, is_yes_no, normalise_answer, tokens, yes_no
 
 __all__ = ["answer_type_of", "score_closed", "open_recall", "score_vqa_row", "summarise_vqa"]
 

@@ -3,8 +3,8 @@
 ``healthgpt train`` = ``healthgpt.training.run.run_train``; the Python API is ``train_stage``.
 """
 
-from .presets import PRESETS, StageHParams, get_hparams
-from .stages import StagePlan, apply_stage, plan_stage
+from healthgpt.training.presets import PRESETS, StageHParams, get_hparams
+from healthgpt.training.stages import StagePlan, apply_stage, plan_stage
 
 __all__ = ["PRESETS", "StageHParams", "get_hparams", "StagePlan", "plan_stage", "apply_stage", "train_stage",
            "add_train_arguments", "run_train"]
@@ -12,7 +12,7 @@ __all__ = ["PRESETS", "StageHParams", "get_hparams", "StagePlan", "plan_stage", 
 
 def __getattr__(name):  # the Trainer stack is imported only when a run needs it
     if name in ("train_stage", "add_train_arguments", "run_train", "StageResult", "TrainError"):
-        from . import run
+        from healthgpt.training import run
 
         return getattr(run, name)
     raise AttributeError(name)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from ..cli import subcommand
+from healthgpt.cli import subcommand
 from hlora.io import atomic_write
 
 __all__ = ["add_train_arguments", "run_train", "register", "train_stage", "StageResult", "TrainError", "STAGE_FILE"]
@@ -119,7 +119,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_train(args: argparse.Namespace) -> int:
     """``healthgpt train``: run one stage; 0 on success, 2 on a usage/data error (message on stderr)."""
-    from ..data.format import DataError
+    from healthgpt.data.format import DataError
 
     try:
         result = train_stage(**_kwargs_from_args(args))
@@ -252,9 +252,9 @@ def train_stage(
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ..data.dataset import Collator, build_dataset
-    from .stages import apply_stage, plan_stage
-    from .trainer import HealthGPTTrainer, LossLogCallback, clean_staging
+    from healthgpt.data.dataset import Collator, build_dataset
+    from healthgpt.training.stages import apply_stage, plan_stage
+    from healthgpt.training.trainer import HealthGPTTrainer, LossLogCallback, clean_staging
 
     t0 = time.time()
     main = _is_main()
@@ -371,8 +371,8 @@ def train_stage(
         raise TrainError(f"the Trainer refused these engine options: {e}{hint}") from e
 
     # ---- model --------------------------------------------------------------------------------------
-    from ..config import HealthGPTConfig
-    from ..model import HealthGPT
+    from healthgpt.model.config import HealthGPTConfig
+    from healthgpt.model.healthgpt import HealthGPT
 
     transformers.set_seed(seed)
     given = model
@@ -438,7 +438,7 @@ def train_stage(
     train_out = trainer.train(resume_from_checkpoint=resume_from)
 
     # ---- the stage's output ----------------------------------------------------------------------
-    from .trainer import LOSS_PNG, read_loss_log
+    from healthgpt.training.trainer import LOSS_PNG, read_loss_log
 
     if save_final:
         _save_final(trainer, model, output, main, rebuild)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import hlora
 
-from .presets import get_hparams
+from healthgpt.training.presets import get_hparams
 
 __all__ = ["StagePlan", "plan_stage", "apply_stage", "TRAINS"]
 

@@ -71,7 +71,7 @@ class HealthGPTConfig:
     """Everything needed to build a HealthGPT model.
 
     Attributes:
-        template: chat template, ``"phi3"`` or ``"phi4"`` (``healthgpt.templates.TEMPLATES``).
+        template: chat template, ``"phi3"`` or ``"phi4"`` (``healthgpt.model.templates.TEMPLATES``).
         system_prompt: overrides the template's system message when not ``None``.
         llm_path: local directory of a Phi3ForCausalLM checkpoint (Phi-3-mini or phi-4);
             ``None`` builds ``llm_config`` with random weights.
@@ -83,7 +83,7 @@ class HealthGPTConfig:
             32k BPE (Phi-3's base vocabulary) from the ``wordllama`` wheel plus Phi-3's special tokens.
         image_tokenizer_path: directory written by ``VQTokenizer.save_pretrained`` (e.g. by
             ``healthgpt convert-vqgan``); ``None`` builds ``image_tokenizer_config`` with random weights.
-        image_tokenizer_config: ``healthgpt.vq.VQConfig`` fields, used only when the path is ``None``.
+        image_tokenizer_config: ``healthgpt.model.vq.VQConfig`` fields, used only when the path is ``None``.
         plugins: task -> ``hlora.PluginConfig`` fields, for ``comp`` and ``gen``.
         visual_layers: task -> CLIP hidden state the task reads (``-2`` abstract, ``1`` concrete).
         dtype: torch dtype name of the LLM, vision tower and projectors (the image tokenizer stays float32).
@@ -106,7 +106,7 @@ class HealthGPTConfig:
     attn_implementation: str | None = None
 
     def __post_init__(self):
-        from .templates import TEMPLATES  # local: templates imports nothing from here at import time
+        from healthgpt.model.templates import TEMPLATES  # local: templates imports nothing from here at import time
 
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {self.template!r}")

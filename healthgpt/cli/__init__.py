@@ -1,6 +1,6 @@
 """The ``healthgpt`` command: argparse subcommands, each registered by its own module.
 
-Adding a subcommand (``train``, ``demo``, ``eval``, ...): write ``healthgpt/cli_<name>.py`` with
+Adding a subcommand (``train``, ``demo``, ``eval``, ...): write ``healthgpt/cli/<name>.py`` with
 ``register(subparsers)`` that adds a parser and sets ``func=<callable(args) -> int>`` as its default,
 then add one line to ``SUBCOMMANDS``. ``add_model_arguments`` / ``model_from_args`` give every
 subcommand the same ``--weights`` / ``--device`` / ``--seed`` handling. Registrars are imported only
@@ -17,14 +17,14 @@ import warnings
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "subcommand", "add_model_arguments", "model_from_args", "CLIError"]
 
 SUBCOMMANDS = {
-    "answer": "healthgpt.cli_infer:register_answer",
-    "generate": "healthgpt.cli_infer:register_generate",
-    "convert-vqgan": "healthgpt.cli_convert:register_vqgan",
-    "convert-release": "healthgpt.cli_convert:register_release",
-    "eval": "healthgpt.evaluation.cli:register",
+    "answer": "healthgpt.cli.infer:register_answer",
+    "generate": "healthgpt.cli.infer:register_generate",
+    "convert-vqgan": "healthgpt.cli.convert:register_vqgan",
+    "convert-release": "healthgpt.cli.convert:register_release",
+    "eval": "healthgpt.cli.eval:register",
     "train": "healthgpt.training.run:register",
-    "demo": "healthgpt.demo:register",
-    "data": "healthgpt.data.cli:register",
+    "demo": "healthgpt.training.demo:register",
+    "data": "healthgpt.cli.data:register",
 }
 """subcommand name -> ``"module:function"``; the function takes the argparse subparsers object."""
 
@@ -64,7 +64,7 @@ def model_from_args(args):
     """The model ``--weights`` names, or the tiny preset (with a warning) when it is not given."""
     import torch
 
-    from .model import HealthGPT
+    from healthgpt.model.healthgpt import HealthGPT
 
     if args.weights is None:
         warnings.warn("no --weights given: using the tiny preset with random weights; its outputs are untrained noise",
@@ -98,7 +98,7 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 def image_from_args(path: str | None, args):
     if path is None:
         return None
-    from .images import load_image
+    from healthgpt.data.images import load_image
 
     return load_image(path, window=args.window, frame=args.frame, axis=args.axis, slice_index=args.slice_index)
 
@@ -118,8 +118,8 @@ def main(argv: list | None = None) -> int:
     """Entry point of the ``healthgpt`` console script; returns the exit status."""
     from hlora import CheckpointError
 
-    from .convert import ConversionError
-    from .images import ImageLoadError
+    from healthgpt.model.vq_convert import ConversionError
+    from healthgpt.data.images import ImageLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)

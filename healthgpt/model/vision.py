@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoints import from_pretrained_checked, require_hf_checkpoint
+from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
 
 __all__ = ["ImageProcessor", "load_vision_tower", "build_projector", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from .data import BENCHMARKS, load_samples
-from .report import bench_tables, combined_tables
-from .runner import PREDICTIONS, default_image_loader, read_predictions, run_image, run_text
-from .scoring import LPIPS_UNAVAILABLE, score_image_rows, score_text_rows
-from ..cli import subcommand
+from healthgpt.evaluation.data import BENCHMARKS, load_samples
+from healthgpt.evaluation.report import bench_tables, combined_tables
+from healthgpt.evaluation.runner import PREDICTIONS, default_image_loader, read_predictions, run_image, run_text
+from healthgpt.evaluation.scoring import LPIPS_UNAVAILABLE, score_image_rows, score_text_rows
+from healthgpt.cli import subcommand
 
 __all__ = ["add_eval_arguments", "run_eval", "register", "main"]
 
@@ -123,7 +123,7 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
             return _err(f"{args.data}: no samples")
         need = generate_batch if spec.family == "image" else answer_batch
         if need is None:
-            from .model_adapter import TINY_WARNING, build_model, callables_from_model
+            from healthgpt.evaluation.model_adapter import TINY_WARNING, build_model, callables_from_model
             if not args.weights:
                 notes.append(TINY_WARNING)
             model = build_model(args.weights, args.device, seed=args.seed)
@@ -137,7 +137,7 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
     if spec.family == "image":
         lpips_model, status = None, LPIPS_UNAVAILABLE
         if args.lpips_weights:
-            from .lpips import load_lpips
+            from healthgpt.evaluation.lpips import load_lpips
             lpips_model = load_lpips(args.lpips_weights, device="cpu")
             status = "ok"
         summary, scored = score_image_rows(bench, rows, base, load_image, lpips_model=lpips_model,

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from .cli import subcommand
+from healthgpt.cli import subcommand
 
 __all__ = ["add_demo_arguments", "run_demo", "register", "demo", "loss_fell"]
 
@@ -92,10 +92,10 @@ def demo(out: str = "healthgpt-demo", steps: int = 30, image_size: int = 64, cac
     out = os.path.abspath(out)
     log = log or (lambda *a, **k: None)
 
-    from .config import TINY_VQ
-    from .data.samples import build_sample_set, default_cache_dir
-    from .training.run import train_stage
-    from .training.trainer import read_loss_log
+    from healthgpt.model.config import TINY_VQ
+    from healthgpt.data.samples import build_sample_set, default_cache_dir
+    from healthgpt.training.run import train_stage
+    from healthgpt.training.trainer import read_loss_log
 
     cache_dir = cache_dir or default_cache_dir()
     samples = build_sample_set(cache_dir)
@@ -128,7 +128,7 @@ def demo(out: str = "healthgpt-demo", steps: int = 30, image_size: int = 64, cac
     # ---- use the trained model ----------------------------------------------------------------------
     import torch
 
-    from .model import HealthGPT
+    from healthgpt.model.healthgpt import HealthGPT
 
     model = HealthGPT.from_pretrained(init).eval()
     torch.manual_seed(seed)

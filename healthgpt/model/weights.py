@@ -34,8 +34,8 @@ import hlora
 from hlora import CheckpointError
 from hlora.io import WEIGHTS_NAME as HLORA_WEIGHTS
 
-from .checkpoints import atomic_write, require_file
-from .config import CONFIG_NAME, HealthGPTConfig
+from healthgpt.model.files import atomic_write, require_file
+from healthgpt.model.config import CONFIG_NAME, HealthGPTConfig
 
 __all__ = ["save_model", "load_model", "load_release_weights", "release_to_ours", "CheckpointError"]
 

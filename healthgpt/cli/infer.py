@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .cli import (
+from healthgpt.cli import (
     CLIError,
     add_decoding_arguments,
     add_image_arguments,

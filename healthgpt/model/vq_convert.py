@@ -24,8 +24,8 @@ import re
 
 import torch
 
-from .checkpoints import require_file
-from .vq import VQConfig, VQTokenizer
+from healthgpt.model.files import require_file
+from healthgpt.model.vq import VQConfig, VQTokenizer
 
 __all__ = ["convert_taming_checkpoint", "taming_config", "taming_state_dict_to_ours", "ConversionError"]
 

@@ -15,7 +15,7 @@ def register_vqgan(subparsers) -> None:
 
 
 def run_vqgan(args) -> int:
-    from .convert import convert_taming_checkpoint
+    from healthgpt.model.vq_convert import convert_taming_checkpoint
 
     convert_taming_checkpoint(args.ckpt, args.yaml, args.out, trust_pickle=args.trust_pickle)
     print(args.out)
@@ -37,9 +37,9 @@ def register_release(subparsers) -> None:
 
 
 def run_release(args) -> int:
-    from .cli import CLIError
-    from .config import HealthGPTConfig
-    from .model import HealthGPT
+    from healthgpt.cli import CLIError
+    from healthgpt.model.config import HealthGPTConfig
+    from healthgpt.model.healthgpt import HealthGPT
 
     if not (args.com or args.gen or args.fusion):
         raise CLIError("give at least one of --com, --gen, --fusion")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from ..cli import subcommand
+from healthgpt.cli import subcommand
 
 __all__ = ["add_data_arguments", "run_data", "register"]
 
@@ -49,7 +49,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from .format import DataError
+    from healthgpt.data.format import DataError
 
     try:
         return _run(args)
@@ -60,7 +60,7 @@ def run_data(args: argparse.Namespace) -> int:
 
 def _run(args) -> int:
     if args.data_command == "convert":
-        from . import converters
+        from healthgpt.data import converters
 
         kw = {"skip_bad": args.skip_bad}
         if args.dataset in ("vqa-rad", "slake", "pathvqa") and args.split:
@@ -84,14 +84,14 @@ def _run(args) -> int:
             print("  skipped: " + msg)
         return 0
     if args.data_command == "merge":
-        from .converters import merge_files
-        from .format import load_samples
+        from healthgpt.data.converters import merge_files
+        from healthgpt.data.format import load_samples
 
         path = merge_files(args.inputs, args.out)
         print(load_samples(path, skip_bad=True)[1].summary())
         return 0
     if args.data_command == "samples":
-        from .samples import build_sample_set
+        from healthgpt.data.samples import build_sample_set
 
         s = build_sample_set(args.cache_dir, force=args.force)
         print(f"sample set in {s.root}")
@@ -99,7 +99,7 @@ def _run(args) -> int:
             print(f"  {name:9s} {getattr(s, name)}")
         return 0
     if args.data_command == "check":
-        from .format import load_samples
+        from healthgpt.data.format import load_samples
 
         samples, report = load_samples(args.file, image_folder=args.image_folder, skip_bad=args.skip_bad)
         print(report.summary())

@@ -22,13 +22,13 @@ import torch.nn as nn
 
 import hlora
 
-from .config import TASKS, HealthGPTConfig
-from .generation import decode
-from .images import load_image
-from .templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TEMPLATES, encode_conversation, normalize_messages
-from .tokenizer import GenerationVocab, START_TOKEN, add_generation_vocab, load_base_tokenizer, resize_embeddings_with_mean
-from .vision import ImageProcessor, build_projector, load_vision_tower
-from .vq import VQTokenizer
+from healthgpt.model.config import TASKS, HealthGPTConfig
+from healthgpt.model.generation import decode
+from healthgpt.data.images import load_image
+from healthgpt.model.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TEMPLATES, encode_conversation, normalize_messages
+from healthgpt.model.tokenizer import GenerationVocab, START_TOKEN, add_generation_vocab, load_base_tokenizer, resize_embeddings_with_mean
+from healthgpt.model.vision import ImageProcessor, build_projector, load_vision_tower
+from healthgpt.model.vq import VQTokenizer
 
 __all__ = ["HealthGPT", "load_llm", "choose_attn_implementation"]
 
@@ -46,7 +46,7 @@ def load_llm(path: str | None, config: dict | None, dtype: torch.dtype, attn_imp
     """``transformers.Phi3ForCausalLM`` from local ``path`` or, when ``path`` is None, random from ``config``."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from .checkpoints import from_pretrained_checked, require_hf_checkpoint
+    from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
 
     if path is None:
         return Phi3ForCausalLM._from_config(Phi3Config(**config), attn_implementation=attn_implementation, dtype=dtype)
@@ -56,8 +56,8 @@ def load_llm(path: str | None, config: dict | None, dtype: torch.dtype, attn_imp
 
 def _check_paths(config: HealthGPTConfig) -> None:
     """Fail before building anything when a configured local checkpoint is missing."""
-    from .checkpoints import require_hf_checkpoint
-    from .vq import CONFIG_FILE, WEIGHTS_FILE
+    from healthgpt.model.files import require_hf_checkpoint
+    from healthgpt.model.vq import CONFIG_FILE, WEIGHTS_FILE
 
     if config.llm_path is not None:
         require_hf_checkpoint(config.llm_path, "LLM", "microsoft/Phi-3-mini-4k-instruct (or microsoft/phi-4)")
@@ -346,7 +346,7 @@ class HealthGPT(nn.Module):
     def collate(self, samples: list, pad_to_multiple_of: int | None = None) -> dict:
         """``prepare_sample`` outputs -> a right-padded batch for ``forward``: ``input_ids``,
         ``attention_mask``, ``labels`` [B, T], ``images`` [N, 3, S, S] or None, ``tasks``."""
-        from .data.dataset import Collator
+        from healthgpt.data.dataset import Collator
 
         return Collator(self.pad_id, pad_to_multiple_of)(samples)
 
@@ -431,8 +431,8 @@ class HealthGPT(nn.Module):
     # ---- weights ------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write the model to ``directory`` (layout in ``healthgpt.weights``)."""
-        from .weights import save_model
+        """Write the model to ``directory`` (layout in ``healthgpt.model.weights``)."""
+        from healthgpt.model.weights import save_model
 
         return save_model(self, directory)
 
@@ -440,14 +440,14 @@ class HealthGPT(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> "HealthGPT":
         """Load a directory written by ``save_pretrained``; ``overrides`` replace config fields (e.g. a
         moved ``llm_path``, or ``dtype``)."""
-        from .weights import load_model
+        from healthgpt.model.weights import load_model
 
         return load_model(cls, directory, **overrides)
 
     def load_release_weights(self, com: str | None = None, gen: str | None = None, fusion: str | None = None) -> "HealthGPT":
         """Load the public release's ``com_hlora_weights.bin`` / ``gen_hlora_weights.bin`` /
-        ``fusion_layer_weights.bin`` (any subset); all-or-nothing (``healthgpt.weights``)."""
-        from .weights import load_release_weights
+        ``fusion_layer_weights.bin`` (any subset); all-or-nothing (``healthgpt.model.weights``)."""
+        from healthgpt.model.weights import load_release_weights
 
         load_release_weights(self, com=com, gen=gen, fusion=fusion)
         return self
