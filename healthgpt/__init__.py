@@ -6,11 +6,12 @@
     model.generate_image("ct.nii.gz", "Convert this CT slice to MRI.").save("mri.png")
 """
 
-from healthgpt.model.config import PRESETS, TASKS, HealthGPTConfig
+from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
+from healthgpt.model.config import PRESETS, HealthGPTConfig
 from healthgpt.model.vq_convert import convert_taming_checkpoint
 from healthgpt.data.images import ImageLoadError, load_image
 from healthgpt.model.healthgpt import HealthGPT
-from healthgpt.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES
+from healthgpt.model.templates import TEMPLATES
 from healthgpt.model.tokenizer import GenerationVocab
 from healthgpt.model.vq import VQConfig, VQTokenizer
 
@@ -26,6 +27,7 @@ __all__ = [
     "convert_taming_checkpoint",
     "GenerationVocab",
     "TEMPLATES",
+    "IMAGE_PLACEHOLDER",
     "IMAGE_TOKEN_INDEX",
     "IGNORE_INDEX",
 ]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from healthgpt.constants import IMAGE_PLACEHOLDER
 from healthgpt.data import imaging
 from healthgpt.data.format import DataError, read_rows, write_rows
 
@@ -90,7 +91,7 @@ def _qa_row(rid, image, question, answer, out_json, **extra) -> dict:
         "id": rid,
         "image": _rel(image, out_json),
         "conversations": [
-            {"from": "human", "value": "<image>\n" + str(question).strip()},
+            {"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + str(question).strip()},
             {"from": "gpt", "value": str(answer).strip()},
         ],
         "task": "comp",
@@ -243,7 +244,7 @@ def _gen_row(rid, image, target, instruction, out_json, **extra) -> dict:
     row = {
         "id": rid,
         "image": _rel(image, out_json),
-        "conversations": [{"from": "human", "value": "<image>\n" + instruction}],
+        "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + instruction}],
         "task": "gen",
         "target_image": _rel(target, out_json),
     }

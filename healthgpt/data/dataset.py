@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from healthgpt.constants import IGNORE_INDEX
 from healthgpt.data.format import DataError, load_samples
 from healthgpt.data.vq_cache import VQCache
 
-__all__ = ["TrainingDataset", "Collator", "build_dataset", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
+__all__ = ["TrainingDataset", "Collator", "build_dataset"]
 
 
 class TrainingDataset(torch.utils.data.Dataset):

@@ -40,22 +40,21 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+
 from hlora.io import atomic_write
+
+from healthgpt.constants import IMAGE_PLACEHOLDER, TASKS
 
 __all__ = [
     "DataError",
     "Sample",
     "LoadReport",
-    "TASKS",
-    "IMAGE_TOKEN",
     "read_rows",
     "load_samples",
     "validate_row",
     "write_rows",
 ]
 
-TASKS = ("comp", "gen")
-IMAGE_TOKEN = "<image>"
 _TASK_ALIASES = {"comp": "comp", "com": "comp", "comprehension": "comp", "gen": "gen", "generation": "gen"}
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -201,13 +200,13 @@ def validate_row(row, roots: list) -> Sample:
         if role != expected:
             raise _Bad("bad turn", f"conversation turn {i} is from {role}; turns must alternate human, gpt, ... starting with human")
         turns.append({"from": role, "value": turn["value"]})
-    n_image = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    n_image = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
     if n_image > 1:
-        raise _Bad("several <image>", f"{n_image} '{IMAGE_TOKEN}' placeholders; a row holds one image")
-    if n_image == 1 and IMAGE_TOKEN not in turns[0]["value"]:
-        raise _Bad("bad turn", f"'{IMAGE_TOKEN}' must be in the first human turn")
+        raise _Bad("several <image>", f"{n_image} '{IMAGE_PLACEHOLDER}' placeholders; a row holds one image")
+    if n_image == 1 and IMAGE_PLACEHOLDER not in turns[0]["value"]:
+        raise _Bad("bad turn", f"'{IMAGE_PLACEHOLDER}' must be in the first human turn")
     if n_image == 0:
-        turns[0] = {"from": "human", "value": IMAGE_TOKEN + "\n" + turns[0]["value"]}
+        turns[0] = {"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + turns[0]["value"]}
     target = None
     if task == "comp":
         if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from healthgpt.constants import IMAGE_PLACEHOLDER
 from healthgpt.data import imaging
 from healthgpt.data.format import write_rows
 
@@ -181,12 +182,12 @@ def _images(img_dir: str) -> dict:
 
 def _comp(rid, image, question, answer) -> dict:
     return {"id": rid, "task": "comp", "image": image,
-            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + question}, {"from": "gpt", "value": answer}]}
 
 
 def _gen(rid, image, target, instruction) -> dict:
     return {"id": rid, "task": "gen", "image": image, "target_image": target,
-            "conversations": [{"from": "human", "value": "<image>\n" + instruction}]}
+            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + instruction}]}
 
 
 MODALITY_Q = "What imaging modality was used to acquire this image?"

@@ -20,11 +20,14 @@ import numpy as np
 import torch
 from hlora.io import atomic_write
 
+from healthgpt.constants import FILE_DIGEST
+
 __all__ = ["VQCache", "file_digest", "tokenizer_fingerprint"]
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    """The hex ``FILE_DIGEST`` (SHA-256) of a file's bytes, read in ``chunk``-byte blocks."""
+    h = hashlib.new(FILE_DIGEST)
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk)

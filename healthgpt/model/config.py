@@ -12,13 +12,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["HealthGPTConfig", "TASKS", "PRESETS", "CONFIG_NAME"]
+from healthgpt.constants import TASKS
+
+__all__ = ["HealthGPTConfig", "PRESETS", "CONFIG_NAME"]
 
 CONFIG_NAME = "healthgpt_config.json"
 
-TASKS = ("comp", "gen")
-"""The two plugins/tasks of the hard router: ``comp`` (comprehension: text answers) and ``gen``
-(generation: answers are 1024 VQ image tokens)."""
 
 # ---- architectures (used when the matching *_path is None: random weights) ----------------------
 

@@ -22,10 +22,11 @@ import torch.nn as nn
 
 import hlora
 
-from healthgpt.model.config import TASKS, HealthGPTConfig
+from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
+from healthgpt.model.config import HealthGPTConfig
 from healthgpt.model.generation import decode
 from healthgpt.data.images import load_image
-from healthgpt.model.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TEMPLATES, encode_conversation, normalize_messages
+from healthgpt.model.templates import TEMPLATES, encode_conversation, normalize_messages
 from healthgpt.model.tokenizer import GenerationVocab, START_TOKEN, add_generation_vocab, load_base_tokenizer, resize_embeddings_with_mean
 from healthgpt.model.vision import ImageProcessor, build_projector, load_vision_tower
 from healthgpt.model.vq import VQTokenizer

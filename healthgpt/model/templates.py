@@ -16,19 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+
 __all__ = [
     "ChatTemplate",
     "TEMPLATES",
-    "IMAGE_PLACEHOLDER",
-    "IMAGE_TOKEN_INDEX",
-    "IGNORE_INDEX",
     "normalize_messages",
     "encode_conversation",
 ]
 
-IMAGE_PLACEHOLDER = "<image>"
-IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel: never a vocabulary id
-IGNORE_INDEX = -100
 
 _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant"}
