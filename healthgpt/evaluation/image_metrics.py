@@ -25,8 +25,9 @@ Formulas (x = target, y = prediction, both float64 on 0..255, L = 255):
   ``sigma_xy = w*(xy) - mu_x mu_y`` (population covariance), ``C1 = (0.01 L)^2``,
   ``C2 = (0.03 L)^2``, ``S = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)
   (sigma_x^2 + sigma_y^2 + C2))``; SSIM is the mean of S after cropping 5 pixels from each
-  border. This is ``skimage.metrics.structural_similarity(x, y, gaussian_weights=True,
-  sigma=1.5, use_sample_covariance=False, data_range=255)``. Images must be at least 11x11.
+  border. Computed by ``skimage.metrics.structural_similarity(x, y, gaussian_weights=True,
+  sigma=1.5, use_sample_covariance=False, data_range=255)``; MSE and PSNR by
+  ``skimage.metrics.mean_squared_error`` / ``peak_signal_noise_ratio``. Images must be at least 11x11.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
+from skimage import metrics as skm
 
-__all__ = ["to_gray255", "resize_to", "mse", "psnr", "ssim", "gaussian_kernel", "image_scores"]
+__all__ = ["to_gray255", "resize_to", "mse", "psnr", "ssim", "image_scores"]
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -58,11 +61,7 @@ def _luma(a: np.ndarray) -> np.ndarray:
 
 def to_gray255(img) -> np.ndarray:
     """A float64 (H, W) image on 0..255 (rules in the module docstring)."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None
-    if Image is not None and isinstance(img, Image.Image):
+    if isinstance(img, Image.Image):
         if img.mode in _EIGHT_BIT_MODES:
             if img.mode == "L":
                 return np.asarray(img, dtype=np.float64)
@@ -89,7 +88,6 @@ def to_gray255(img) -> np.ndarray:
 
 def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Resize a 0..255 float image to ``shape`` (H, W): PIL bicubic in float, clipped to 0..255."""
-    from PIL import Image
     if tuple(img.shape) == tuple(shape):
         return img
     out = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F").resize(
@@ -108,49 +106,30 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
 def mse(x, y) -> float:
     """``mean((x - y)^2)`` of two same-shape float images (0..255 expected)."""
     x, y = _pair(x, y)
-    return float(np.mean((x - y) ** 2))
+    return float(skm.mean_squared_error(x, y))
 
 
 def psnr(x, y, data_range: float = 255.0) -> float:
     """``10 log10(data_range^2 / mse)`` in dB; ``math.inf`` for identical images."""
-    m = mse(x, y)
-    return math.inf if m == 0.0 else 10.0 * math.log10(data_range ** 2 / m)
+    x, y = _pair(x, y)
+    if np.array_equal(x, y):  # skimage divides by zero (a RuntimeWarning) and returns inf
+        return math.inf
+    return float(skm.peak_signal_noise_ratio(x, y, data_range=data_range))
 
 
-def gaussian_kernel(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
-    """Normalised 1-D Gaussian taps, radius ``int(truncate * sigma + 0.5)`` (11 taps at 1.5)."""
-    r = int(truncate * sigma + 0.5)
-    t = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
+_SSIM_TRUNCATE = 3.5  # skimage's fixed Gaussian truncation: radius int(3.5 sigma + 0.5)
 
 
-def _filter(a: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Separable correlation with ``k`` along both axes, half-sample symmetric borders."""
-    r = len(k) // 2
-    p = np.pad(a, r, mode="symmetric")
-    h, w = a.shape
-    rows = sum(k[i] * p[i:i + h, :] for i in range(len(k)))
-    return sum(k[i] * rows[:, i:i + w] for i in range(len(k)))
-
-
-def ssim(x, y, data_range: float = 255.0, sigma: float = 1.5, truncate: float = 3.5,
-         k1: float = 0.01, k2: float = 0.03) -> float:
+def ssim(x, y, data_range: float = 255.0, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
     """Mean SSIM in [-1, 1] with a Gaussian window (formula in the module docstring)."""
     x, y = _pair(x, y)
     if x.ndim != 2:
         raise ValueError(f"ssim expects 2-D grayscale images, got shape {x.shape}")
-    k = gaussian_kernel(sigma, truncate)
-    r = len(k) // 2
-    if min(x.shape) < len(k):
-        raise ValueError(f"images must be at least {len(k)}x{len(k)} for SSIM, got {x.shape}")
-    mx, my = _filter(x, k), _filter(y, k)
-    vx = _filter(x * x, k) - mx * mx
-    vy = _filter(y * y, k) - my * my
-    vxy = _filter(x * y, k) - mx * my
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s[r:-r, r:-r].mean())
+    side = 2 * int(_SSIM_TRUNCATE * sigma + 0.5) + 1
+    if min(x.shape) < side:
+        raise ValueError(f"images must be at least {side}x{side} for SSIM, got {x.shape}")
+    return float(skm.structural_similarity(x, y, data_range=data_range, gaussian_weights=True, sigma=sigma,
+                                           use_sample_covariance=False, K1=k1, K2=k2))
 
 
 def image_scores(prediction, target) -> dict:
