@@ -11,26 +11,27 @@ of ``router``)::
 which equals ``W0 x + b + s * sum_i g_i B_i A_i x``, the MoELoRA mixture, in two GEMMs.
 Tokens routed to no plugin (-1) get exactly the base output.
 
-``HLORA_BACKEND`` picks the implementation: ``auto`` (default: fused Triton kernels for CUDA
-tensors, this reference path otherwise), ``torch``, or ``triton`` (kernels everywhere; on a CPU
-that needs ``TRITON_INTERPRET=1``).
+``HLORA_BACKEND`` picks the implementation, here and nowhere else: ``auto`` (default: fused
+Triton kernels for CUDA tensors, the torch reference otherwise), ``torch``, or ``triton`` (kernels
+everywhere; on a CPU that needs ``TRITON_INTERPRET=1``). The math itself, its constants and
+``router_gates`` live in ``hlora.kernels.reference``, below both backends.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import warnings
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from hlora.kernels import fused_hlora_linear
+from hlora.kernels.reference import hlora_reference, router_gates
 
 __all__ = ["hlora_linear", "backend", "router_gates"]
 
 _BACKENDS = ("auto", "torch", "triton")
-
-# exp(-60) ~ 9e-27: gate weights below this contribute nothing at any float precision we compute
-# in, but on a CPU they become subnormal products that slow every later GEMM of the layer ~10x.
-_GATE_LOG_FLOOR = -60.0
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def backend() -> str:
@@ -41,22 +42,18 @@ def backend() -> str:
     return name
 
 
-def router_gates(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis, computed in at least float32, with negligible weights flushed
-    to exact zeros (logits more than 60 below the row max become -inf before the softmax)."""
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    z = z - z.amax(dim=-1, keepdim=True).detach()
-    z = z.masked_fill(z < _GATE_LOG_FLOOR, float("-inf"))
-    return torch.softmax(z, dim=-1)
-
-
-def _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin):
-    d_out, d_in = weight.shape
+def _check_args(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin):
+    R, K = sum(ranks), sum(experts)
+    if callable(weight):
+        if bias is not None:
+            raise ValueError("a callable base computes its own bias: pass bias=None")
+        d_out, d_in = B.shape[0], A.shape[1]
+    else:
+        d_out, d_in = weight.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features but the base weight expects d_in={d_in}")
     if not (len(ranks) == len(experts) == len(scales)) or len(ranks) == 0:
         raise ValueError("ranks, experts and scales must name the same, non-zero number of plugins")
-    R, K = sum(ranks), sum(experts)
     if tuple(A.shape) != (R, d_in):
         raise ValueError(f"A has shape {tuple(A.shape)}, expected [sum(ranks)={R}, d_in={d_in}]")
     if tuple(B.shape) != (d_out, R):
@@ -74,11 +71,12 @@ def _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin):
             raise ValueError(f"token_plugin must hold one plugin index per token ({T}), got {tuple(token_plugin.shape)}")
         if token_plugin.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
             raise ValueError(f"token_plugin must be an integer tensor, got {token_plugin.dtype}")
+    return d_out, d_in
 
 
 def hlora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -94,54 +92,69 @@ def hlora_linear(
 
     Args:
         x: [..., d_in] activations.
-        weight, bias: the frozen base layer, ``weight`` [d_out, d_in] (any strides).
+        weight, bias: the frozen base layer, ``weight`` [d_out, d_in] (any strides); or ``weight`` a
+            callable base (a module of any kind, e.g. a quantized linear) mapping [T, d_in] to
+            [T, d_out], with ``bias`` None: the kernels then add the adapter into its output.
         A: [sum(ranks), d_in]; B: [d_out, sum(ranks)]; router: [sum(experts), d_in].
         ranks, experts, scales: per plugin total rank R_p, expert count k_p and scale s_p.
         token_plugin: int tensor [T] (T = x.numel() // d_in) with each token's plugin index, -1 for
             none; ``None`` (one plugin only) routes every token to it, the usual one-task batch.
         dropout: probability (one for all plugins, or one per plugin), applied in rank space when
             ``training``.
+
+    The arguments are checked and normalised here once (tuples, a [T, d_in] view, int32 routing,
+    the autocast dtype for the kernels); both backends receive them so.
     """
     ranks, experts, scales = tuple(int(r) for r in ranks), tuple(int(k) for k in experts), tuple(float(s) for s in scales)
     dropouts = (float(dropout),) * len(ranks) if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
     if len(dropouts) != len(ranks):
         raise ValueError(f"got {len(dropouts)} dropout probabilities for {len(ranks)} plugins")
+    if not all(0.0 <= p < 1.0 for p in dropouts):
+        raise ValueError(f"dropout probabilities must lie in [0, 1), got {dropouts}")
     if not training:
         dropouts = (0.0,) * len(ranks)
-    _check_args(x, weight, A, B, router, ranks, experts, scales, token_plugin)
+    d_out, d_in = _check_args(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    tp = None if token_plugin is None else token_plugin.reshape(-1).to(device=x.device, dtype=torch.int32)
+    if _use_kernels(x2, weight, bias):
+        if torch.is_autocast_enabled(x2.device.type):
+            x2 = x2.to(torch.get_autocast_dtype(x2.device.type))
+        y = fused_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+    else:
+        y = hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+    return y.view(*lead, d_out)
+
+
+_warned_frozen = False
+
+
+def _use_kernels(x2, weight, bias) -> bool:
+    """The fused kernels take float16/bfloat16/float32 activations and treat a tensor base as frozen:
+    a base weight or bias that requires grad goes to the reference path (warned once)."""
+    global _warned_frozen
     name = backend()
-    if name == "triton" or (name == "auto" and x.is_cuda and _kernels_available()):
-        from hlora.kernels import fused_hlora_linear
-
-        return fused_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
-    return _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
-
-
-def _kernels_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if name == "torch" or (name == "auto" and not (x2.is_cuda and _kernels_available())):
+        return False
+    if x2.dtype not in _KERNEL_DTYPES:
+        return False
+    if callable(weight):
+        return True
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if not _warned_frozen:
+            warnings.warn(
+                "hlora: the base weight/bias requires grad, but the fused kernels treat the base layer as "
+                "frozen; using the torch reference path for such layers.",
+                stacklevel=3,
+            )
+            _warned_frozen = True
         return False
     return True
 
 
-def _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts):
-    """Reference path: one GEMM for [A; router], a view-based gate, one GEMM for B."""
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d_in)
-    u_logits = x2 @ torch.cat([A, router]).to(x.dtype).t()  # [T, R + K]
-    u_all, logits_all = u_logits.split([sum(ranks), sum(experts)], dim=1)
-    hs = []
-    for p, (u, logits, k_p, s_p, p_drop) in enumerate(
-        zip(u_all.split(ranks, 1), logits_all.split(experts, 1), experts, scales, dropouts)
-    ):
-        g = router_gates(logits) * s_p  # dropout(s * u) * g == dropout(u) * (s * g): one pass fewer
-        if token_plugin is not None:
-            g = g * (token_plugin == p).unsqueeze(-1).to(g.dtype)
-        if p_drop > 0:
-            u = F.dropout(u, p_drop, training=True)
-        hs.append((u.reshape(-1, k_p, u.shape[1] // k_p) * g.to(u.dtype).unsqueeze(-1)).view(-1, u.shape[1]))
-    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
-    y = F.linear(x2, weight, bias)
-    y = torch.addmm(y, h, B.to(h.dtype).t())
-    return y.view(*lead, weight.shape[0])
+def _kernels_available() -> bool:
+    try:
+        import triton  # noqa: F401  (optional dependency: only probed)
+    except ImportError:
+        return False
+    return True

@@ -38,13 +38,15 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from . import reference
+
 INTERPRET = bool(knobs.runtime.interpret)
 
 # the dtypes the kernels compute in (float32 at IEEE precision, no TF32)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-# softmax weights of logits more than 60 below the row max are flushed to 0, as `router_gates` does
-GATE_LOG_FLOOR = tl.constexpr(-60.0)
+# softmax weights of logits far below the row max are flushed to 0, as `router_gates` does
+GATE_LOG_FLOOR = tl.constexpr(reference.GATE_LOG_FLOOR)
 
 
 def _empty(shape, dtype, device):

@@ -11,25 +11,19 @@ forward's autograd formula calls the backward op. The Triton code lives in ``fus
 and is imported on the first call: under ``TRITON_INTERPRET=1`` the interpreter must be chosen
 before the kernels are defined, and importing ``hlora.kernels`` should not need Triton at all.
 
-The public ``fused_hlora_linear`` follows ``hlora.functional.hlora_linear``'s contract. It takes
-the reference torch path (``_torch_hlora_linear``) instead in two cases: x in a dtype other than
-float16 / bfloat16 / float32, and a base ``weight`` or ``bias`` that requires grad (the kernels
-never produce gradients for the frozen base layer; a warning says so once). CPU tensors run the
-kernels only under ``TRITON_INTERPRET=1``; without it the first call raises.
+``fused_hlora_linear`` is the kernels' entry for ``hlora.functional.hlora_linear``, which alone
+chooses the backend and normalises the arguments. CPU tensors run the kernels only under
+``TRITON_INTERPRET=1``; without it the first call raises.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Optional, Sequence
 
 import torch
 
 __all__ = ["fused_hlora_linear"]
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _kernels():
     """The Triton module, imported (and its kernels defined) on first use."""
@@ -144,62 +138,18 @@ fused_fwd.register_autograd(_backward, setup_context=_setup_context)
 # public function
 # ----------------------------------------------------------------------------------------------
 
-_warned_frozen = False
 
+def fused_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts) -> torch.Tensor:
+    """Fused H-LoRA linear on arguments as ``hlora.functional.hlora_linear`` checked and normalised
+    them: x [T, d_in] in float16 / bfloat16 / float32 (already in the autocast dtype), tuples of
+    ints / floats, token_plugin int32 [T] or None, one dropout probability per plugin (0 in eval).
+    Returns y [T, d_out] in x.dtype.
 
-def _needs_reference(x, weight, bias) -> bool:
-    global _warned_frozen
-    if x.dtype not in _KERNEL_DTYPES:
-        return True
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        if not _warned_frozen:
-            warnings.warn(
-                "hlora.kernels: the base weight/bias requires grad, but the fused kernels treat the base "
-                "layer as frozen; using the torch reference path for such layers.",
-                stacklevel=3,
-            )
-            _warned_frozen = True
-        return True
-    return False
-
-
-def fused_hlora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    A: torch.Tensor,
-    B: torch.Tensor,
-    router: torch.Tensor,
-    ranks: Sequence[int],
-    experts: Sequence[int],
-    scales: Sequence[float],
-    token_plugin: Optional[torch.Tensor] = None,
-    dropout: float | Sequence[float] = 0.0,
-) -> torch.Tensor:
-    """Fused H-LoRA linear (see ``hlora.functional.hlora_linear``). ``dropout``: one probability for
-    all plugins or one per plugin, applied whenever > 0 (the caller passes 0 in eval).
-
-    Output dtype is x.dtype (under autocast: the autocast dtype, as ``F.linear`` would give).
     A / B / router may be float32 while x is half precision: they are rounded to x's dtype tile by
     tile, like the reference's ``.to(x.dtype)``, and their gradients come back in their own dtype.
     Dropout draws one seed from torch's default generator per call, so ``torch.manual_seed`` and
     checkpointing's RNG restore reproduce the mask.
     """
-    ranks = tuple(int(r) for r in ranks)
-    experts = tuple(int(k) for k in experts)
-    scales = tuple(float(s) for s in scales)
-    dropouts = (float(dropout),) * len(ranks) if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
-    if len(dropouts) != len(ranks) or not all(0.0 <= p < 1.0 for p in dropouts):
-        raise ValueError(f"dropout must be one probability in [0, 1) or one per plugin, got {dropout!r}")
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in _KERNEL_DTYPES:
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    if _needs_reference(x, weight, bias):
-        from hlora.functional import _torch_hlora_linear
-
-        return _torch_hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d_in)
-    tp = None if token_plugin is None else token_plugin.reshape(-1).to(device=x.device, dtype=torch.int32)
     seed = int(torch.randint(2**31, (1,)).item()) if max(dropouts) > 0 else 0
-    y, _ = fused_fwd(x2, weight, bias, A, B, router, tp, ranks, experts, scales, dropouts, seed)
-    return y.view(*lead, weight.shape[0])
+    y, _ = fused_fwd(x, weight, bias, A, B, router, token_plugin, ranks, experts, scales, dropouts, seed)
+    return y

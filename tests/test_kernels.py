@@ -25,7 +25,6 @@ if not ON_GPU:
         importlib.reload(_loaded)
 
 from hlora.functional import hlora_linear  # noqa: E402
-from hlora.kernels import fused_hlora_linear  # noqa: E402
 
 fused_linear = importlib.import_module("hlora.kernels.fused_linear")
 
@@ -253,8 +252,7 @@ def test_poisoned_allocation_is_active():
 
 def _probe_mask(ranks, experts, scales, dropouts, T=48, seed=0):
     """Recover the rank-space dropout mask of the call made after ``torch.manual_seed(seed)``:
-    with W0 = 0 and B = [I; 0] the output is h itself. (Per-plugin probabilities go straight to
-    ``fused_hlora_linear``: ``hlora_linear`` sends those to the reference path.)"""
+    with W0 = 0 and B = [I; 0] the output is h itself."""
     R, D = sum(ranks), 19
     case = make_case(T, D, R + 3, ranks, experts, torch.float32, bias=False)
     case["W"] = torch.zeros_like(case["W"])
@@ -264,10 +262,7 @@ def _probe_mask(ranks, experts, scales, dropouts, T=48, seed=0):
     with torch.no_grad():
         h_full = hlora_linear(*args, 0.0, True)
         torch.manual_seed(seed)
-        if len(set(dropouts)) == 1:
-            h_drop = hlora_linear(*args, dropouts[0], True)
-        else:
-            h_drop = fused_hlora_linear(*args, dropouts)
+        h_drop = hlora_linear(*args, dropouts, True)
     assert torch.equal(h_drop[:, R:], torch.zeros(T, 3, device=DEV))
     h_full, h_drop = h_full[:, :R], h_drop[:, :R]
     live = h_full != 0
@@ -358,10 +353,10 @@ def test_trainable_base_falls_back_to_the_reference_path():
     case = make_case(5, 19, 23, ranks, experts, torch.float32)
     W = case["W"].clone().requires_grad_()
     with pytest.warns(UserWarning, match="frozen"):
-        import hlora.kernels.ops as ops
+        import hlora.functional
 
-        ops._warned_frozen = False
-        y = fused_hlora_linear(case["x"], W, case["b"], case["A"], case["B"], case["router"], ranks, experts, scales)
+        hlora.functional._warned_frozen = False
+        y = hlora_linear(case["x"], W, case["b"], case["A"], case["B"], case["router"], ranks, experts, scales)
     y.sum().backward()
     assert W.grad is not None
     y_ref = reference(*(case[k].double() for k in ("x", "W", "b", "A", "B", "router")), ranks, experts, scales, None)
@@ -370,9 +365,11 @@ def test_trainable_base_falls_back_to_the_reference_path():
 
 def test_bad_dropout_list_is_rejected():
     case = make_case(2, 19, 23, (8,), (2,), torch.float32)
+    args = (case["x"], case["W"], case["b"], case["A"], case["B"], case["router"], (8,), (2,), (2.0,), None)
     with pytest.raises(ValueError, match="dropout"):
-        fused_hlora_linear(case["x"], case["W"], case["b"], case["A"], case["B"], case["router"],
-                           (8,), (2,), (2.0,), None, (0.1, 0.2))
+        hlora_linear(*args, (0.1, 0.2), True)
+    with pytest.raises(ValueError, match="dropout"):
+        hlora_linear(*args, 1.0, True)
 
 
 def test_partial_gradients():
