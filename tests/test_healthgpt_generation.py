@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from healthgpt import HealthGPT
-from healthgpt.model.generation import sample_next
+from healthgpt.model.generation import logits_warpers, sample_next
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +97,42 @@ def test_sample_next():
     assert picks == {1}
     with pytest.raises(ValueError, match="temperature"):
         sample_next(logits, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next(logits, do_sample=True, top_k=-2)
+
+
+def _reference_probs(logits, temperature, top_k, top_p):
+    """float64, row by row: softmax(logits / T) over the top_k largest, then the most probable of
+    those down to where the probability before a token reaches top_p, renormalised."""
+    out = np.zeros(logits.shape)
+    for b, row in enumerate(logits.astype(np.float64) / temperature):
+        order = np.argsort(-row)[:top_k]
+        p = np.exp(row[order] - row[order].max())
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        assert np.abs(before - top_p).min() > 1e-4  # no token sits on the top-p boundary
+        keep = order[before < top_p]
+        q = np.exp(row[keep] - row[keep].max())
+        out[b, keep] = q / q.sum()
+    return out
+
+
+def test_warpers_match_an_independent_computation():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2, (3, 37)).astype(np.float32)
+    want = _reference_probs(logits, 0.7, 11, 0.8)
+    scores = torch.full((3, 37), float("nan"))
+    scores.copy_(torch.from_numpy(logits))
+    got = torch.softmax(logits_warpers(0.7, 11, 0.8)(None, scores), dim=-1).double().numpy()
+    assert not np.isnan(got).any()
+    assert np.array_equal(got > 0, want > 0) and 1 < (want > 0).sum(axis=1).min() < 11
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # sampling draws from that distribution and never outside the kept tokens
+    g = torch.Generator().manual_seed(3)
+    draws = sample_next(torch.from_numpy(logits[1]).expand(20000, 37), do_sample=True, temperature=0.7,
+                        top_k=11, top_p=0.8, generator=g).numpy()
+    freq = np.bincount(draws, minlength=37) / draws.size
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want[1]))
+    assert np.abs(freq - want[1]).max() < 0.015

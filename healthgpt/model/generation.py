@@ -14,35 +14,48 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-__all__ = ["sample_next", "decode"]
+__all__ = ["logits_warpers", "sample_next", "decode"]
+
+
+def logits_warpers(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessorList:
+    """transformers' sampling warpers in ``generate``'s order: temperature, top-k, top-p.
+
+    ``logits / temperature``; then every logit below the ``top_k``-th largest is set to -inf; then,
+    of the rest, tokens are kept from the most probable down until their probability reaches
+    ``top_p`` (at least one token is kept). An option at its neutral value (1.0, None/0, None/1.0)
+    adds no warper. Bad values (temperature <= 0, top_k < 0, top_p outside [0, 1]) raise
+    transformers' ``ValueError``.
+    """
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k:
+        warpers.append(TopKLogitsWarper(int(top_k)))
+    if top_p is not None and top_p != 1.0:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    return warpers
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """[B, V] logits -> [B] chosen indices.
 
-    Greedy: ``argmax``. Sampling: ``softmax(logits / temperature)`` restricted to the ``top_k``
-    largest logits and to the smallest set of tokens whose probability reaches ``top_p``, renormalised.
+    Greedy: ``argmax``. Sampling: one draw from ``softmax(logits_warpers(temperature, top_k, top_p)(logits))``
+    (in float32), renormalised over the tokens the warpers keep.
     """
     if not do_sample:
         return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if not 0 < top_p:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the set already reached top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # the warpers read only the scores; their input_ids argument (the text so far) is unused
+    scores = logits_warpers(temperature, top_k, top_p)(None, logits.float())
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -68,8 +81,6 @@ def decode(
         vocab: ``GenerationVocab`` (code ids ``code0 .. code0 + num_codes - 1``, ``end``).
         sampling: ``sample_next`` options (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``generator``).
     """
-    from transformers import DynamicCache
-
     B, device = inputs_embeds.shape[0], inputs_embeds.device
     img = torch.tensor(image_rows, dtype=torch.bool, device=device)
     txt = ~img
