@@ -93,7 +93,7 @@ def test_vqa_run_writes_rows_summary_and_table(slake, tmp_path, capsys):
     assert summary["n"] == 5 and summary["bench"] == "slake"
     table = (out / "table.md").read_text()
     assert "| Model | close | all | close | all | close | all | MMMU-Med | OMVQA | Avg. |" in table
-    assert "| model | - | - | 66.7 | 80.0 | - | - | - | - | - |" in table
+    assert "| model [strict] | - | - | 66.7 | 80.0 | - | - | - | - | - |" in table
     assert table in capsys.readouterr().out
     scores = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 5 and scores[0]["correct"] is True
@@ -295,8 +295,8 @@ def test_combine_prints_paper_tables(slake, tmp_path):
                    "--out", b, "--model-name", "M"))
     assert run_eval(_args("--combine", a, b, "--out", tmp_path / "t")) == 0
     text = (tmp_path / "t" / "tables.md").read_text()
-    assert "| M | - | - | 66.7 | 80.0 | - | - | - | 100.0 | - |" in text
-    assert "| M | - | - | - | - | 100.0 | - | - | 100.0 |" in text
+    assert "| M [strict] | - | - | 66.7 | 80.0 | - | - | - | 100.0 | - |" in text
+    assert "| M [strict] | - | - | - | - | 100.0 | - | - | 100.0 |" in text
 
 
 def test_runner_rejects_wrong_answer_count(tmp_path):

@@ -134,7 +134,7 @@ OPTS = ["Liver", "Lung", "Lung cancer", "Heart"]
     ("Lung", 1, "text"), ("It shows lung cancer", 2, "text"),          # longest option wins
     ("A large mass in the lung", 1, "text"),                          # 'A' here is an article
     ("Answer: A small liver", 0, "text"),
-    ("lungs", 1, "similarity"), ("hart", 3, "similarity"),
+    ("lungs", None, "none"), ("hart", None, "none"),               # strict never guesses: unparsed
     ("", None, "none"),
 ])
 def test_match_choice(pred, idx, how):
@@ -147,11 +147,12 @@ def test_letter_and_gt_resolution():
     assert gt_index("B", OPTS) == 1 and gt_index("(c)", OPTS) == 2
     assert gt_index("lung cancer", OPTS) == 2
     assert gt_index("kidney", OPTS) is None
-    # ambiguous text tie between two different options falls through to similarity
-    assert match_choice("liver and heart", OPTS)[1] == "similarity"
+    # ambiguous text tie between two different options: unparsed, not a guess
+    assert match_choice("liver and heart", OPTS) == (None, "none")
     r = score_choice("lung", "Lung", OPTS)
     assert r == {"correct": True, "picked": "B", "picked_by": "text", "gt_index": "B"}
-    assert not score_choice("", "Lung", OPTS)["correct"]
+    assert score_choice("", "Lung", OPTS) == {"correct": False, "picked": None, "picked_by": "none",
+                                              "gt_index": "B"}
 
 
 def test_modalities():

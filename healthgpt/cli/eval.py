@@ -3,12 +3,15 @@
     healthgpt eval --bench slake --data slake/test.json --weights DIR --out runs/slake
     healthgpt eval --bench slake --predictions runs/slake/predictions.jsonl --out runs/slake-rescore
     healthgpt eval --combine runs/slake runs/vqa-rad runs/omni --out runs/tables
+    healthgpt eval --bench vqa-rad --predictions P.jsonl --protocol llava-med --out runs/rad-published
 
 Writes to ``--out``: ``predictions.jsonl`` (inference runs; resumable), ``scores.jsonl``
 (per-sample scores), ``summary.json`` (metrics in percent as the paper prints them: VQA
 ``close``/``open``/``all``, multiple choice ``accuracy`` and one key per modality, images
 ``ssim``/``psnr``/``mse``/``lpips`` overall and per task under ``tasks``), ``table.md`` (the
 paper's column layout, also printed), and for image tasks ``images/`` and ``panels/``.
+Text benchmarks are scored under both protocols (``strict``, ``llava-med``: see
+``healthgpt.evaluation.protocols``); ``--protocol`` picks the one behind the plain keys.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import time
 from pathlib import Path
 
 from healthgpt.evaluation.data import BENCHMARKS, load_samples
+from healthgpt.evaluation.llava_med import load_candidates
+from healthgpt.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from healthgpt.evaluation.report import bench_tables, combined_tables
 from healthgpt.evaluation.runner import PREDICTIONS, default_image_loader, read_predictions, run_image, run_text
 from healthgpt.evaluation.scoring import LPIPS_UNAVAILABLE, score_image_rows, score_text_rows
@@ -46,6 +51,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--open-scoring", choices=("auto", "recall", "choice"), default="auto",
                         help="VQA open questions: token recall (LLaVA-Med) or multiple choice; "
                              "auto = choice when every open question has options")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
+                        help="scoring rules behind close/open/all/accuracy: strict (ours) or llava-med "
+                             "(LLaVA-Med's run_eval.py for VQA, HuatuoGPT-Vision's option matcher for "
+                             "multiple choice); summary.json always holds both")
+    parser.add_argument("--candidates", metavar="FILE",
+                        help="VQA: candidate-answer set (JSON list, or LLaVA-Med's train_open_answers.json) "
+                             "for LLaVA-Med's open accuracy")
     parser.add_argument("--lang", default="en", help="keep SLAKE rows with this q_lang ('all' keeps every row)")
     parser.add_argument("--lpips-weights", nargs="+", metavar="FILE",
                         help="local LPIPS weights: backbone (torchvision alexnet/vgg16) and linear layers")
@@ -93,6 +105,14 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
     if not args.data and not args.predictions:
         return _err("give --data (run the model) or --predictions (re-score)")
     bench, spec = args.bench, BENCHMARKS[args.bench]
+    candidates = None
+    if args.candidates:
+        if spec.family != "vqa":
+            return _err("--candidates applies to the VQA benchmarks (vqa-rad, slake, pathvqa)")
+        try:
+            candidates = load_candidates(json.loads(Path(args.candidates).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            return _err(f"--candidates {args.candidates}: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -144,10 +164,12 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
                                            lpips_status=status,
                                            panels_dir=None if args.no_panels else out / "panels")
     else:
-        summary, scored = score_text_rows(bench, rows, args.open_scoring)
+        summary, scored = score_text_rows(bench, rows, args.open_scoring,
+                                          args.protocol, candidates)
 
     summary = {"bench": bench, "benchmark": spec.title, "model": model_name, **summary,
                "predictions": str(pred_path), "data": args.data, "weights": args.weights,
+               "candidates": args.candidates,
                "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_jsonl(out / "scores.jsonl", scored)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

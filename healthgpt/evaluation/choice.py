@@ -1,7 +1,9 @@
 """Multiple-choice scoring (OmniMedVQA, MMMU-Med, and VQA questions that carry options).
 
-A free-text prediction is mapped onto one option in three steps (HuatuoGPT-Vision's order),
-the first that succeeds wins:
+Two protocols (``protocols.py``); every scored row carries both, the summary both accuracies.
+
+``strict`` maps a free-text prediction onto one option in two steps, the first that succeeds
+wins, and never guesses:
 
 1. **Option letter** (``extract_letter``), read from the raw prediction; the letter must be an
    upper-case letter naming an existing option:
@@ -15,10 +17,14 @@ the first that succeeds wins:
    - the first bracketed letter anywhere: ``"I think (D) is right"``.
 2. **Option text**: options whose normalised text (``normalise.normalise_answer``) occurs as a
    contiguous run of whole tokens in the normalised prediction. The longest such option wins
-   (``"lung cancer"`` beats ``"lung"``); a tie between different options falls through.
-3. **Similarity**: the option with the highest ``difflib.SequenceMatcher`` ratio between its
-   normalised text and the normalised prediction (first option on ties). An empty prediction
-   picks nothing and is wrong.
+   (``"lung cancer"`` beats ``"lung"``).
+
+A prediction matching neither (``"lungs"``, ``""``, or a tie between two different options) is
+**unparsed**: ``picked`` is ``None``, it scores wrong and the summary counts it (``unparsed``).
+
+``llava-med`` uses HuatuoGPT-Vision's published matcher (``huatuogpt_vision.match_option``),
+whose last step picks the most similar option by ``difflib``: rows it guessed are counted in
+``picked_by.similarity``, rows whose letter names no option in ``unparsed``.
 
 The ground truth (``gt``) may be a letter (MMMU: ``"B"``) or an option's text (OmniMedVQA:
 ``"Lung"``); ``gt_index`` resolves either. A prediction is correct when it picks the gt option.
@@ -31,14 +37,15 @@ its seven columns), ``accuracy_micro`` is over all questions.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections import defaultdict
 
+from healthgpt.evaluation.huatuogpt_vision import match_option
 from healthgpt.evaluation.normalise import TABLE9_MODALITIES, canonical_modality, contains_tokens, normalise_answer, tokens
+from healthgpt.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, RULES, check_protocol, suffix
 
 __all__ = ["LETTERS", "extract_letter", "match_choice", "gt_index", "score_choice",
-           "choice_prompt", "summarise_choice"]
+           "score_choice_row", "choice_prompt", "summarise_choice", "summarise_choice_protocols"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -65,8 +72,8 @@ def extract_letter(prediction: str, n_options: int) -> int | None:
 
 
 def match_choice(prediction: str, options: list[str]) -> tuple[int | None, str]:
-    """``(index, method)``: the option ``prediction`` picks and how (``letter`` | ``text`` |
-    ``similarity`` | ``none``)."""
+    """``(index, method)``: the option ``prediction`` picks under the strict rules and how
+    (``letter`` | ``text``), or ``(None, "none")`` when it picks none (unparsed)."""
     if not options:
         return None, "none"
     idx = extract_letter(prediction, len(options))
@@ -82,9 +89,7 @@ def match_choice(prediction: str, options: list[str]) -> tuple[int | None, str]:
         best = {tuple(opt_tokens[i]) for n, i in hits if n == longest}
         if len(best) == 1:
             return min(i for n, i in hits if n == longest), "text"
-    pred_norm = " ".join(pred_tokens)
-    ratios = [difflib.SequenceMatcher(None, pred_norm, " ".join(t)).ratio() for t in opt_tokens]
-    return max(range(len(options)), key=lambda i: (ratios[i], -i)), "similarity"
+    return None, "none"
 
 
 def gt_index(gt, options: list[str]) -> int | None:
@@ -101,20 +106,31 @@ def gt_index(gt, options: list[str]) -> int | None:
     return None
 
 
-def score_choice(prediction: str, gt, options: list[str]) -> dict:
-    """Score one multiple-choice prediction: ``{correct, picked, picked_by, gt_index}``.
+def score_choice(prediction: str, gt, options: list[str], protocol: str = DEFAULT_PROTOCOL) -> dict:
+    """Score one multiple-choice prediction under ``protocol``:
+    ``{correct, picked, picked_by, gt_index}`` (letters, ``picked`` ``None`` when unparsed).
 
     When the gt matches no option (a data error) the picked option's normalised text is
     compared with the normalised gt instead.
     """
-    picked, method = match_choice(prediction, options)
+    if check_protocol(protocol) == "strict":
+        picked, method = match_choice(prediction, options)
+    else:
+        picked, method, _ = match_option(prediction, options)
     gi = gt_index(gt, options)
     if gi is not None:
-        correct = picked == gi
+        correct = picked is not None and picked == gi
     else:
         correct = picked is not None and normalise_answer(options[picked]) == normalise_answer(gt)
     return {"correct": bool(correct), "picked": None if picked is None else LETTERS[picked],
             "picked_by": method, "gt_index": None if gi is None else LETTERS[gi]}
+
+
+def score_choice_row(prediction: str, gt, options: list[str], protocol: str = DEFAULT_PROTOCOL) -> dict:
+    """Both protocols' ``score_choice`` (under ``strict`` / ``llava_med``) and, at the top level,
+    the chosen protocol's ``correct``/``picked``/``picked_by``/``gt_index``."""
+    both = {suffix(p): score_choice(prediction, gt, options, p) for p in PROTOCOLS}
+    return {**both[suffix(protocol)], "protocol": protocol, **both}
 
 
 def choice_prompt(question: str, options: list[str]) -> str:
@@ -157,4 +173,24 @@ def summarise_choice(scored: list[dict], macro_over_modalities: bool = True) -> 
     out["modalities"] = {m: {"accuracy": _pct(by_mod[m]), "n": len(by_mod[m])} for m in order}
     out["picked_by"] = {k: sum(1 for r in scored if r.get("picked_by") == k)
                         for k in ("letter", "text", "similarity", "none")}
+    out["unparsed"] = sum(1 for r in scored if r.get("picked", "") is None)
+    return out
+
+
+def summarise_choice_protocols(scored: list[dict], macro_over_modalities: bool = True,
+                               protocol: str = DEFAULT_PROTOCOL) -> dict:
+    """Summary of ``score_choice_row`` rows: the chosen protocol's ``summarise_choice`` under the
+    plain keys, plus ``accuracy_<p>``, ``accuracy_micro_<p>``, ``unparsed_<p>``, ``picked_by_<p>``
+    and ``modalities_<p>`` for both protocols, ``protocol`` and ``rules`` (what each protocol did)."""
+    out = {}
+    for p in PROTOCOLS:
+        sx = suffix(p)
+        view = [{"modality": r.get("modality"), **r[sx]} for r in scored]
+        s = summarise_choice(view, macro_over_modalities)
+        if p == check_protocol(protocol):
+            out = {**s, **out}
+        for k in ("accuracy", "accuracy_micro", "unparsed", "picked_by", "modalities"):
+            out[f"{k}_{sx}"] = s[k]
+    out["protocol"] = protocol
+    out["rules"] = dict(RULES["choice"])
     return out

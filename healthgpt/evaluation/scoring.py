@@ -1,7 +1,8 @@
 """Score prediction rows of any benchmark into ``(summary, per_row_scores)``.
 
 Text benchmarks use ``vqa.score_vqa_row``/``vqa.summarise_vqa`` and
-``choice.score_choice``/``choice.summarise_choice``. Image benchmarks load each row's
+``choice.score_choice_row``/``choice.summarise_choice_protocols``, under both scoring
+protocols (``protocols.py``; ``protocol`` picks the one behind the plain summary keys). Image benchmarks load each row's
 prediction and target (paths relative to the predictions file's folder, or absolute), compute
 ``image_metrics.image_scores`` and, when an LPIPS model is given, ``lpips.lpips_distance``; they
 also draw ``panels/<id>.png`` (input | prediction | target).
@@ -18,9 +19,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from healthgpt.evaluation.choice import score_choice, summarise_choice
+from healthgpt.evaluation.choice import score_choice_row, summarise_choice_protocols
 from healthgpt.evaluation.data import BENCHMARKS
 from healthgpt.evaluation.image_metrics import image_scores, resize_to, to_gray255
+from healthgpt.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol
 from healthgpt.evaluation.vqa import score_vqa_row, summarise_vqa
 
 __all__ = ["score_rows", "score_text_rows", "score_image_rows", "summarise_images", "make_panel",
@@ -47,23 +49,28 @@ def ordered_tasks(bench: str, tasks) -> list[str]:
     return sorted(tasks, key=lambda t: (rank.get(_canon_task(t), len(rank)), tasks.index(t)))
 
 
-def score_text_rows(bench: str, rows: list[dict], open_scoring: str = "auto") -> tuple[dict, list[dict]]:
-    """Summary and per-row scores of a VQA or multiple-choice benchmark."""
+def score_text_rows(bench: str, rows: list[dict], open_scoring: str = "auto",
+                    protocol: str = DEFAULT_PROTOCOL, candidates: list | None = None) -> tuple[dict, list[dict]]:
+    """Summary and per-row scores of a VQA or multiple-choice benchmark; ``candidates`` (VQA
+    only) is the answer set of LLaVA-Med's open "accuracy"."""
     spec = BENCHMARKS[bench]
+    check_protocol(protocol)
     for r in rows:
         missing = [k for k in ("id", "answer", "prediction") if r.get(k) is None]
         if missing:
             raise ValueError(f"prediction row {r.get('id')!r} lacks {missing}")
     if spec.family == "vqa":
-        scored = [score_vqa_row(r) for r in rows]
-        return summarise_vqa(scored, open_scoring), scored
+        scored = [score_vqa_row(r, protocol, candidates) for r in rows]
+        return summarise_vqa(scored, open_scoring, protocol), scored
+    if candidates:
+        raise ValueError(f"{bench}: a candidate-answer set applies to VQA benchmarks only")
     scored = []
     for r in rows:
         if not r.get("options"):
             raise ValueError(f"row {r.get('id')!r} has no options")
-        s = score_choice(r.get("prediction"), r.get("answer"), list(r["options"]))
+        s = score_choice_row(r.get("prediction"), r.get("answer"), list(r["options"]), protocol)
         scored.append({"id": r["id"], "modality": r.get("modality"), **s})
-    return summarise_choice(scored, spec.macro_over_modalities), scored
+    return summarise_choice_protocols(scored, spec.macro_over_modalities, protocol), scored
 
 
 def _mean(xs):
@@ -165,7 +172,9 @@ def score_image_rows(bench: str, rows: list[dict], base_dir, load_image: Callabl
 
 
 def score_rows(bench: str, rows: list[dict], **kw) -> tuple[dict, list[dict]]:
-    """Dispatch on the benchmark family (``open_scoring`` for text; image kwargs for images)."""
+    """Dispatch on the benchmark family (``open_scoring``/``protocol``/``candidates`` for text;
+    image kwargs for images)."""
     if BENCHMARKS[bench].family == "image":
         return score_image_rows(bench, rows, **kw)
-    return score_text_rows(bench, rows, **{k: v for k, v in kw.items() if k == "open_scoring"})
+    text_kw = ("open_scoring", "protocol", "candidates")
+    return score_text_rows(bench, rows, **{k: v for k, v in kw.items() if k in text_kw})

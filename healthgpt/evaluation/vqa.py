@@ -1,36 +1,54 @@
 """VQA-RAD / SLAKE / PathVQA scoring: closed (yes/no) accuracy, open recall, open multiple choice.
 
-Per question (answers and predictions normalised by ``normalise.normalise_answer``):
+Every question is scored under both protocols (``protocols.py``); the summary carries both.
+
+``strict`` (answers and predictions normalised by ``normalise.normalise_answer``):
 
 - **closed** (``answer_type == "closed"``; inferred when the answer is a yes/no word):
   - yes/no answer: correct iff the prediction's polarity (``normalise.yes_no``: the first
     yes/no word) equals the answer's. ``"No, there is no fracture."`` is ``no``; a prediction
-    without a yes/no word is wrong.
+    without a yes/no word is wrong (and counted in ``closed_unparsed``).
   - other closed answers (SLAKE has ``"Left Lung"``-style closed questions): with ``options``,
     multiple choice (``choice.score_choice``); without, correct iff the normalised answer occurs
     as a contiguous run of whole tokens in the normalised prediction.
-- **open**, two scores:
-  - ``recall`` (LLaVA-Med): ground-truth token recall,
-    ``sum_w min(count_pred(w), count_gt(w)) / len(gt_tokens)`` over normalised tokens, in [0, 1].
-  - ``choice`` (HuatuoGPT-Vision): 1/0 multiple choice over the row's ``options``; ``None``
-    when the row has none.
+- **open** ``recall``: ground-truth token recall,
+  ``sum_w min(count_pred(w), count_gt(w)) / len(gt_tokens)`` over normalised tokens, in [0, 1].
 
-Summary (percent, as the paper prints):
+``llava-med`` (``llava_med.py``): LLaVA-Med's ``run_eval.py``: closed = "yes"/"no" substring and
+the answer as a substring; open ``recall`` = its ``calculate_f1score`` recall (a repeated
+prediction word counts twice), plus its precision, F1, exact match, and the candidate-set
+"open accuracy" when candidates are given.
+
+Both: open ``choice`` (HuatuoGPT-Vision-style multiple choice over the row's ``options``, the
+strict matcher; ``None`` without options).
+
+Summary (percent, as the paper prints; a metric over zero questions is ``None``):
 
 - ``close`` = mean closed correctness;
 - ``open`` = mean open score under ``open_scoring``: ``"recall"``, ``"choice"``, or ``"auto"``
   (choice when *every* open question has options, else recall);
-- ``all`` = (sum of closed scores + sum of open scores) / number of questions;
-- ``open_recall``/``all_recall`` and ``open_choice``/``all_choice`` give both variants
-  (``None`` where undefined). A metric over zero questions is ``None``.
+- ``all`` = (sum of closed scores + sum of open scores) / number of questions (LLaVA-Med's script
+  prints no "all": under ``llava-med`` it is this formula over its closed and open scores);
+- ``open_recall``/``all_recall`` and ``open_choice``/``all_choice`` give both variants.
+
+These plain keys follow the chosen ``protocol``; ``close_<p>``, ``open_<p>``, ``all_<p>``,
+``open_recall_<p>``, ``all_recall_<p>`` give each protocol's (``<p>`` = ``strict`` /
+``llava_med``). LLaVA-Med extras: ``open_precision_llava_med``, ``open_f1_llava_med``,
+``open_exact_llava_med``, ``open_accuracy_llava_med`` (``None`` without candidates), and
+``close_llava_med_script`` = the accuracy microsoft/LLaVA-Med's own ``run_eval.py`` prints
+(it drops, instead of counting as 0, a closed row whose prediction has "yes"/"no" but not the
+answer; ``closed_llava_med_dropped`` counts those). Disagreements: ``closed_llava_med_only``
+(right only under llava-med) and ``closed_strict_only``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from healthgpt.evaluation import llava_med
 from healthgpt.evaluation.choice import score_choice
 from healthgpt.evaluation.normalise import contains_tokens, is_yes_no, normalise_answer, tokens, yes_no
+from healthgpt.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, RULES, check_protocol, suffix
 
 __all__ = ["answer_type_of", "score_closed", "open_recall", "score_vqa_row", "summarise_vqa"]
 
@@ -69,22 +87,30 @@ def open_recall(prediction, answer) -> float:
     return sum(min(c, pred[w]) for w, c in gt.items()) / total
 
 
-def score_vqa_row(row: dict) -> dict:
-    """Scores of one prediction row: ``{answer_type, correct | recall, choice, picked_by}``."""
+def score_vqa_row(row: dict, protocol: str = DEFAULT_PROTOCOL, candidates: list | None = None) -> dict:
+    """Scores of one prediction row under both protocols (``strict`` and ``llava_med`` sub-dicts)
+    and, at the top level, the chosen protocol's ``correct`` | ``recall``, plus ``choice``,
+    ``picked``, ``picked_by`` for open rows."""
+    check_protocol(protocol)
     answer, pred = row.get("answer"), row.get("prediction")
     options = row.get("options") or None
     atype = answer_type_of(answer, row.get("answer_type"))
-    out = {"id": row.get("id"), "answer_type": atype}
+    out = {"id": row.get("id"), "answer_type": atype, "protocol": protocol}
     if atype == "closed":
-        out["correct"] = bool(score_closed(pred, answer, options))
+        strict = {"correct": bool(score_closed(pred, answer, options)),
+                  "yes_no_found": yes_no(pred) is not None}
     else:
-        out["recall"] = open_recall(pred, answer)
+        strict = {"recall": open_recall(pred, answer)}
         if options:
             c = score_choice(pred, answer, list(options))
             out["choice"] = 1.0 if c["correct"] else 0.0
             out["picked"], out["picked_by"] = c["picked"], c["picked_by"]
         else:
             out["choice"] = None
+    both = {"strict": strict, "llava_med": llava_med.score_row(pred, answer, atype, candidates)}
+    key = "correct" if atype == "closed" else "recall"
+    out[key] = both[suffix(protocol)][key]
+    out.update(both)
     out["normalised_prediction"] = normalise_answer(pred)
     out["normalised_answer"] = normalise_answer(answer)
     return out
@@ -94,38 +120,69 @@ def _pct(total: float, n: int) -> float | None:
     return round(100.0 * total / n, 4) if n else None
 
 
-def summarise_vqa(scored: list[dict], open_scoring: str = "auto") -> dict:
-    """Summary of ``score_vqa_row`` results (keys in the module docstring)."""
+def _open_used(opened: list[dict], open_scoring: str) -> tuple[str, float | None]:
     if open_scoring not in OPEN_SCORINGS:
         raise ValueError(f"open_scoring must be one of {OPEN_SCORINGS}, got {open_scoring!r}")
+    has_choice = bool(opened) and all(r.get("choice") is not None for r in opened)
+    used = ("choice" if has_choice else "recall") if open_scoring == "auto" else open_scoring
+    if used == "choice" and opened and not has_choice:
+        raise ValueError("open_scoring='choice' needs options on every open question")
+    return used, (float(sum(r["choice"] for r in opened)) if has_choice else None)
+
+
+def _protocol_block(closed: list[dict], opened: list[dict], n: int, used: str,
+                    choice_sum: float | None) -> dict:
+    closed_sum = float(sum(r["correct"] for r in closed))
+    recall_sum = float(sum(r["recall"] for r in opened))
+    open_sum = choice_sum if used == "choice" else recall_sum
+    return {
+        "close": _pct(closed_sum, len(closed)),
+        "open": _pct(open_sum, len(opened)) if opened else None,
+        "all": _pct(closed_sum + (open_sum or 0.0), n),
+        "open_recall": _pct(recall_sum, len(opened)),
+        "all_recall": _pct(closed_sum + recall_sum, n),
+    }
+
+
+def summarise_vqa(scored: list[dict], open_scoring: str = "auto", protocol: str = DEFAULT_PROTOCOL) -> dict:
+    """Summary of ``score_vqa_row`` results (keys in the module docstring)."""
+    check_protocol(protocol)
     closed = [r for r in scored if r["answer_type"] == "closed"]
     opened = [r for r in scored if r["answer_type"] == "open"]
     n_closed, n_open, n = len(closed), len(opened), len(scored)
-    closed_sum = float(sum(r["correct"] for r in closed))
-    recall_sum = float(sum(r["recall"] for r in opened))
-    has_choice = bool(opened) and all(r.get("choice") is not None for r in opened)
-    choice_sum = float(sum(r["choice"] for r in opened)) if has_choice else None
-
-    if open_scoring == "auto":
-        used = "choice" if has_choice else "recall"
-    else:
-        used = open_scoring
-    if used == "choice" and opened and not has_choice:
-        raise ValueError("open_scoring='choice' needs options on every open question")
-    open_sum = choice_sum if used == "choice" else recall_sum
-
+    used, choice_sum = _open_used(opened, open_scoring)
+    blocks = {p: _protocol_block([r[suffix(p)] for r in closed], [r[suffix(p)] for r in opened],
+                                 n, used, choice_sum) for p in PROTOCOLS}
+    chosen = blocks[protocol]
+    closed_sum = float(sum(r[suffix(protocol)]["correct"] for r in closed))
     out = {
-        "close": _pct(closed_sum, n_closed),
-        "open": _pct(open_sum, n_open) if n_open else None,
-        "all": _pct(closed_sum + (open_sum or 0.0), n),
+        "protocol": protocol,
+        **chosen,
         "open_scoring": used,
-        "open_recall": _pct(recall_sum, n_open),
-        "all_recall": _pct(closed_sum + recall_sum, n),
         "open_choice": _pct(choice_sum, n_open) if choice_sum is not None else None,
         "all_choice": _pct(closed_sum + choice_sum, n) if choice_sum is not None else None,
         "n": n, "n_closed": n_closed, "n_open": n_open,
         # closed yes/no questions whose prediction holds no yes/no word at all
         "closed_unparsed": sum(1 for r in closed if is_yes_no(r.get("normalised_answer"))
-                               and yes_no(r.get("normalised_prediction")) is None),
+                               and not r["strict"]["yes_no_found"]),
+        "open_choice_unparsed": sum(1 for r in opened if r.get("choice") is not None and r.get("picked") is None),
     }
+    for p, block in blocks.items():
+        out.update({f"{k}_{suffix(p)}": v for k, v in block.items()})
+    lm_open = [r["llava_med"] for r in opened]
+    lm_closed = [r["llava_med"] for r in closed]
+    hits = sum(r["correct"] for r in lm_closed)
+    kept = hits + sum(1 for r in lm_closed if not r["yes_no_found"])
+    has_acc = bool(lm_open) and all(r["accuracy"] is not None for r in lm_open)
+    out.update({
+        "open_precision_llava_med": _pct(sum(r["precision"] for r in lm_open), n_open),
+        "open_f1_llava_med": _pct(sum(r["f1"] for r in lm_open), n_open),
+        "open_exact_llava_med": _pct(sum(r["exact"] for r in lm_open), n_open),
+        "open_accuracy_llava_med": _pct(sum(r["accuracy"] for r in lm_open), n_open) if has_acc else None,
+        "close_llava_med_script": _pct(hits, kept),
+        "closed_llava_med_dropped": n_closed - kept,
+        "closed_llava_med_only": sum(1 for r in closed if r["llava_med"]["correct"] and not r["strict"]["correct"]),
+        "closed_strict_only": sum(1 for r in closed if r["strict"]["correct"] and not r["llava_med"]["correct"]),
+        "rules": dict(RULES["vqa"]),
+    })
     return out
