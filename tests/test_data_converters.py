@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from healthgpt.data import DataError, load_samples
 from healthgpt.data import imaging
+from healthgpt.data.images import load_image
 from healthgpt.data.converters import (
     convert_ixi,
     convert_pathvqa,
@@ -19,6 +21,9 @@ from healthgpt.data.converters import (
     convert_vqa_rad,
     merge_files,
 )
+
+
+NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 
 
 def _jpg(path, seed=0, size=(20, 16)):
@@ -208,8 +213,30 @@ def test_ixi_super_resolution_pairs(tmp_path):
     assert np.abs(np.diff(lr, axis=1)).mean() < np.abs(np.diff(hr, axis=1)).mean()
 
 
+def test_synthrad_pixels_are_what_inference_reads(tmp_path):
+    """A real NIfTI (nibabel's test brain, 33 x 41 axial slices) as the CT: each converted slice,
+    inside its zero padding, equals ``load_image`` of that file, slice and window."""
+    src = os.path.join(NIB_DATA, "anatomical.nii")
+    d = tmp_path / "s" / "Task1" / "brain" / "1BA001"
+    os.makedirs(d)
+    for name in ("ct.nii", "mr.nii"):
+        shutil.copy(src, d / name)
+    window = (9000.0, 6001.0)  # its intensities: 10th .. 90th percentile about 4900 .. 11200
+    out = tmp_path / "o.json"
+    convert_synthrad(str(tmp_path / "s"), str(out), direction="ct2mr", size=41, stride=7, min_mask=0.0)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4  # slices 0, 7, 14, 21 of 25
+    convert_synthrad(str(tmp_path / "s"), str(out), direction="ct2mr", size=41, stride=7, min_mask=0.0, ct_window=window)
+    for r in json.loads(out.read_text()):
+        z = int(r["id"].split("-z")[1][:3])
+        png = np.asarray(Image.open(out.parent / r["image"]))
+        assert png.shape == (41, 41) and (png[:, :4] == 0).all()  # 33 columns centred on 41
+        seen = np.asarray(load_image(src, window=window, slice_index=z))[..., 0]
+        assert seen.shape == (41, 33) and 20 < len(np.unique(seen))
+        assert np.array_equal(png[:, 4:37], seen)
+
+
 def test_imaging_helpers():
-    assert np.allclose(imaging.window(np.array([-160.0, 40.0, 240.0]), 40, 400), [0.0, 0.5, 1.0])
     sq = imaging.pad_to_square(np.ones((2, 4)))
     assert sq.shape == (4, 4) and sq[0].sum() == 0 and sq[1].sum() == 4
     img = np.arange(64, dtype=np.float32).reshape(8, 8)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from healthgpt.data import DataError, load_samples
+from healthgpt.data.images import load_image
 from healthgpt.data.dataset import Collator, build_dataset
-from healthgpt.data.samples import build_sample_set
+from healthgpt.data.samples import CT_HEAD_WINDOW, CT_SPINE_WINDOW, build_sample_set
 from healthgpt.data.vq_cache import VQCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
@@ -125,6 +127,16 @@ def test_sample_set_is_real_deterministic_and_valid(sample_set, tmp_path):
     # the CT slice is the real 512 x 512 head CT from pydicom's test files
     assert Image.open(sample_set.demo_image).size == (512, 512)
     assert build_sample_set(str(tmp_path)).root == again.root  # cached: not rebuilt
+
+
+@pytest.mark.parametrize("name, file, window", [("ct_head", "J2K_pixelrep_mismatch.dcm", CT_HEAD_WINDOW),
+                                                ("ct_spine", "CT_small.dcm", CT_SPINE_WINDOW)])
+def test_sample_set_ct_pixels_are_what_inference_reads(sample_set, name, file, window):
+    """Training PNG == ``load_image`` of the same DICOM file with the same window, pixel for pixel."""
+    png = np.asarray(Image.open(os.path.join(sample_set.root, "images", name + ".png")))
+    seen = np.asarray(load_image(get_testdata_file(file), window=window))
+    assert png.dtype == np.uint8 and png.shape == seen.shape[:2] and 10 < len(np.unique(png))
+    assert np.array_equal(png, seen[..., 0])
 
 
 def test_vq_cache_is_keyed_by_content(tmp_path):

@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from pydicom.pixels import apply_modality_lut, apply_windowing
+
 from healthgpt import ImageLoadError, load_image
+from healthgpt.data.images import voi_window
 from healthgpt.model.vision import ImageProcessor
 
 NIB_DATA = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
@@ -32,6 +35,37 @@ def test_dicom_ct_uses_modality_lut_and_min_max_without_window():
     # an explicit window (e.g. soft tissue 40/400 HU) overrides
     soft = np.asarray(load_image(path, window=(40, 400)))[..., 0]
     assert np.array_equal(soft, _linear_window(hu, 40, 400))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # pydicom's sigmoid
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("center, width", [(40.0, 400.0), (-600.0, 1500.0), (35.5, 1.0), (0.0, 2.0)])
+def test_voi_window_is_pydicoms_windowing(function, center, width):
+    """Our window against pydicom's implementation of PS3.3 C.11.2.1.2 on a real CT (HU), its
+    output range rescaled to [0, 1]; the edges land exactly where the standard puts them."""
+    if function != "LINEAR" and width == 1.0:
+        width = 0.5
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    hu = np.concatenate([hu.ravel(), center + np.arange(-3, 4) * 0.5, center - 0.5 + np.array([-1, 1]) * (width - 1) / 2])
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = center, width, function
+    y = apply_windowing(hu.copy(), ds)
+    lo = -(2 ** (ds.BitsStored - 1)) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    hi = (2 ** (ds.BitsStored - 1) - 1) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    want = (y - lo) / (hi - lo)
+    got = voi_window(hu, center, width, function)
+    assert got.dtype == np.float64 and not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert 0.0 < want.mean() < 1.0
+
+
+def test_voi_window_rejects_bad_widths():
+    with pytest.raises(ImageLoadError, match="width must be >= 1"):
+        voi_window(np.zeros(3), 0, 0.5)
+    with pytest.raises(ImageLoadError, match="width must be > 0"):
+        voi_window(np.zeros(3), 0, 0, "SIGMOID")
+    with pytest.raises(ImageLoadError, match="VOI LUT function"):
+        voi_window(np.zeros(3), 0, 10, "GAMMA")
 
 
 def test_dicom_mr_uses_the_files_window():

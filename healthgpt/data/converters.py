@@ -18,8 +18,8 @@ Generation, PNG slices written next to the output file (``images/...``), all 256
 
 - ``synthrad``: SynthRAD2023 Task 1: ``Task1/{brain,pelvis}/<patient>/{ct,mr,mask}.nii.gz``
   -> CT -> MRI and MRI -> CT slice pairs (axial slices whose body mask covers at least
-  ``min_mask`` of the slice, every ``stride``-th). CT is windowed (``ct_window`` level/width in
-  HU), MR scaled by its 0.5 / 99.5 percentiles inside the mask; outside the mask is set to 0.
+  ``min_mask`` of the slice, every ``stride``-th). CT is windowed (``ct_window`` centre/width in
+  HU, DICOM's linear window), MR scaled by its 0.5 / 99.5 percentiles inside the mask; outside the mask is set to 0.
 - ``ixi``: IXI: ``IXI-T1/IXI002-Guys-0828-T1.nii.gz`` (also ``IXI-T2``, ``IXI-PD``...) ->
   super-resolution pairs: the target is the slice (percentile-scaled), the input the same slice
   area-downsampled by ``factor`` and bicubic-upsampled back (so input and target share a grid).
@@ -41,6 +41,7 @@ import numpy as np
 
 from healthgpt.constants import IMAGE_PLACEHOLDER
 from healthgpt.data import imaging
+from healthgpt.data.images import intensity_unit, read_volume, take_slice, to_uint8
 from healthgpt.data.format import DataError, read_rows, write_rows
 
 __all__ = [
@@ -252,10 +253,6 @@ def _gen_row(rid, image, target, instruction, out_json, **extra) -> dict:
     return row
 
 
-def _square(img: np.ndarray, size: int = GEN_SIZE) -> np.ndarray:
-    return imaging.resize(imaging.pad_to_square(img.astype(np.float32)), size, "bicubic").clip(0.0, 1.0)
-
-
 def _pick_slices(mask_fraction: np.ndarray, min_fraction: float, stride: int, max_slices: int | None) -> list:
     zs = [int(z) for z in np.flatnonzero(mask_fraction >= min_fraction)]
     zs = zs[::max(1, stride)]
@@ -275,12 +272,14 @@ def convert_synthrad(
     min_mask: float = 0.15,
     stride: int = 4,
     max_slices: int | None = None,
+    size: int = GEN_SIZE,
     skip_bad: bool = False,
 ) -> ConvertReport:
-    """SynthRAD2023 Task 1 -> gen rows (PNG slice pairs under ``images/synthrad/``).
+    """SynthRAD2023 Task 1 -> gen rows (PNG slice pairs under ``images/synthrad/``, ``size`` square).
 
-    ``direction``: ``ct2mr``, ``mr2ct`` or ``both``. ``ct_window``: (level, width) in HU for every
-    region; by default each region's ``DEFAULT_CT_WINDOWS`` entry.
+    ``direction``: ``ct2mr``, ``mr2ct`` or ``both``. ``ct_window``: (centre, width) in HU for every
+    region, the DICOM LINEAR window ``load_image`` applies (``healthgpt.data.images``); by default
+    each region's ``DEFAULT_CT_WINDOWS`` entry.
     """
     if direction not in ("ct2mr", "mr2ct", "both"):
         raise ValueError(f"direction must be ct2mr, mr2ct or both, got {direction!r}")
@@ -294,7 +293,7 @@ def convert_synthrad(
         if not os.path.isdir(region_dir):
             continue
         found_region = True
-        level, width = ct_window or DEFAULT_CT_WINDOWS.get(region, (40, 400))
+        window = ct_window or DEFAULT_CT_WINDOWS.get(region, (40, 400))
         for patient in sorted(os.listdir(region_dir)):
             pdir = os.path.join(region_dir, patient)
             if not os.path.isdir(pdir):
@@ -305,9 +304,9 @@ def convert_synthrad(
                 report.skip("missing volume", f"SynthRAD {region}/{patient}: no {' or '.join(m + '.nii.gz' for m in missing)} in {pdir}", skip_bad)
                 continue
             try:
-                ct, _ = imaging.load_volume(paths["ct"])
-                mr, _ = imaging.load_volume(paths["mr"])
-                mask = imaging.load_volume(paths["mask"])[0] > 0.5 if paths["mask"] else np.ones(ct.shape, bool)
+                ct = read_volume(paths["ct"])
+                mr = read_volume(paths["mr"])
+                mask = read_volume(paths["mask"]) > 0.5 if paths["mask"] else np.ones(ct.shape, bool)
             except Exception as e:  # unreadable NIfTI
                 report.skip("unreadable volume", f"SynthRAD {region}/{patient}: cannot read ({e})", skip_bad)
                 continue
@@ -315,12 +314,12 @@ def convert_synthrad(
                 report.skip("shape mismatch", f"SynthRAD {region}/{patient}: ct {ct.shape}, mr {mr.shape}, mask {mask.shape} differ", skip_bad)
                 continue
             mr_unit = imaging.percentile_normalise(mr, mask=mask)
-            ct_unit = imaging.window(ct, level, width)
             for z in _pick_slices(mask.mean(axis=(0, 1)), min_mask, stride, max_slices):
-                m = imaging.axial_slice(mask, z)
-                ct_png = imaging.save_png(imaging.to_uint8(_square(imaging.axial_slice(ct_unit, z) * m)),
+                m = take_slice(mask, z)
+                ct_unit = intensity_unit(take_slice(ct, z), window)
+                ct_png = imaging.save_png(to_uint8(imaging.square_unit(ct_unit * m, size)),
                                           os.path.join(out_dir, region, patient, f"ct_{z:03d}.png"))
-                mr_png = imaging.save_png(imaging.to_uint8(_square(imaging.axial_slice(mr_unit, z) * m)),
+                mr_png = imaging.save_png(to_uint8(imaging.square_unit(take_slice(mr_unit, z) * m, size)),
                                           os.path.join(out_dir, region, patient, f"mr_{z:03d}.png"))
                 rid = f"synthrad-{region}-{patient}-z{z:03d}"
                 if direction in ("ct2mr", "both"):
@@ -335,7 +334,7 @@ def convert_synthrad(
 
 
 DEFAULT_CT_WINDOWS = {"brain": (40, 400), "pelvis": (40, 400)}
-"""(level, width) in HU per SynthRAD region: a soft-tissue window that still shows bone edges."""
+"""(centre, width) in HU per SynthRAD region: a soft-tissue window that still shows bone edges."""
 
 
 def _first_existing(folder: str, stem: str):
@@ -380,18 +379,18 @@ def convert_ixi(
             continue
         subject, mod = m.group(1), m.group(4)
         try:
-            vol, _ = imaging.load_volume(path)
+            vol = read_volume(path)
         except Exception as e:
             report.skip("unreadable volume", f"IXI: cannot read {path} ({e})", skip_bad)
             continue
         unit = imaging.percentile_normalise(vol)
         zs = _pick_slices((unit > min_signal).mean(axis=(0, 1)), min_signal, stride, max_slices)
         for z in zs:
-            hr = _square(imaging.axial_slice(unit, z))
+            hr = imaging.square_unit(take_slice(unit, z), GEN_SIZE)
             lr = imaging.degrade(hr, factor).clip(0.0, 1.0)
             stem = os.path.join(out_dir, mod, subject)
-            hr_png = imaging.save_png(imaging.to_uint8(hr), os.path.join(stem, f"hr_{z:03d}.png"))
-            lr_png = imaging.save_png(imaging.to_uint8(lr), os.path.join(stem, f"lr{factor}x_{z:03d}.png"))
+            hr_png = imaging.save_png(to_uint8(hr), os.path.join(stem, f"hr_{z:03d}.png"))
+            lr_png = imaging.save_png(to_uint8(lr), os.path.join(stem, f"lr{factor}x_{z:03d}.png"))
             rows.append(_gen_row(f"ixi-{subject}-{mod}-z{z:03d}-sr{factor}", lr_png, hr_png,
                                  SUPER_RES.format(modality=f"{mod} MRI"), out_json, dataset="ixi",
                                  subtask=f"super-resolution x{factor} ({mod})"))

@@ -1,9 +1,9 @@
-"""Array-level helpers the converters and the sample set share: volumes, windows, resizing.
+"""Array helpers the converters and the sample set share after reading: MR intensity scaling,
+squaring, resizing, the super-resolution degradation, and writing 8-bit PNGs.
 
-Everything here works on numpy arrays and writes 8-bit PNGs with Pillow; nothing depends on the
-model. Volumes are read with nibabel and turned to the closest canonical (RAS+) orientation, so
-axis 2 is always inferior -> superior and ``axial_slice(vol, z)`` shows a slice the way a viewer
-does (anterior up, patient's right on the image's left).
+Reading files and the intensity window are ``healthgpt.data.images`` (``read_volume``,
+``read_dicom``, ``take_slice``, ``intensity_unit``, ``to_uint8``), the same functions inference
+uses, so a converted PNG holds the pixels ``load_image`` gives for the same file and window.
 """
 
 from __future__ import annotations
@@ -12,50 +12,9 @@ import os
 
 import numpy as np
 from PIL import Image
-from hlora.io import atomic_write
+from hlora.files import atomic_write
 
-__all__ = [
-    "load_volume",
-    "axial_slice",
-    "window",
-    "percentile_normalise",
-    "to_uint8",
-    "pad_to_square",
-    "resize",
-    "degrade",
-    "save_png",
-    "dicom_to_array",
-]
-
-
-def load_volume(path: str | os.PathLike) -> tuple:
-    """A 3-D NIfTI volume as ``(float32 array in RAS+ order, voxel spacing)``.
-
-    4-D volumes give their first frame. Raises ``ValueError`` naming the file when it is not 3-D.
-    """
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def axial_slice(volume: np.ndarray, z: int) -> np.ndarray:
-    """Slice ``z`` of a RAS+ volume, rotated for display (rows = anterior -> posterior)."""
-    return np.ascontiguousarray(np.rot90(volume[:, :, z]))
-
-
-def window(values: np.ndarray, level: float, width: float) -> np.ndarray:
-    """CT-style window: ``[level - width/2, level + width/2]`` -> ``[0, 1]`` (clipped)."""
-    if width <= 0:
-        raise ValueError(f"window width must be positive, got {width}")
-    lo = level - width / 2.0
-    return np.clip((values.astype(np.float32) - lo) / float(width), 0.0, 1.0)
+__all__ = ["percentile_normalise", "pad_to_square", "resize", "square_unit", "degrade", "save_png"]
 
 
 def percentile_normalise(values: np.ndarray, lo: float = 0.5, hi: float = 99.5, mask: np.ndarray | None = None) -> np.ndarray:
@@ -68,11 +27,6 @@ def percentile_normalise(values: np.ndarray, lo: float = 0.5, hi: float = 99.5, 
     if b <= a:
         return np.zeros_like(v) if b == 0 else np.clip(v / max(b, 1e-6), 0.0, 1.0)
     return np.clip((v - a) / (b - a), 0.0, 1.0)
-
-
-def to_uint8(unit: np.ndarray) -> np.ndarray:
-    """``[0, 1]`` floats -> uint8 (rounded)."""
-    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
 def pad_to_square(img: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -107,6 +61,15 @@ def resize(img: np.ndarray, size: int | tuple, method: str = "bicubic") -> np.nd
     return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((w, h), _METHODS[method]))
 
 
+def square_unit(unit: np.ndarray, size: int) -> np.ndarray:
+    """A ``[0, 1]`` grey image zero-padded to a square, bicubic-resized to ``size`` x ``size``
+    (float32; left untouched when already that size) and clipped to ``[0, 1]``."""
+    img = pad_to_square(unit)
+    if img.shape[:2] != (size, size):
+        img = resize(img.astype(np.float32), size, "bicubic")
+    return img.clip(0.0, 1.0)
+
+
 def degrade(img: np.ndarray, factor: int, keep_size: bool = True) -> np.ndarray:
     """The low-resolution input of a super-resolution pair: area-downsample by ``factor`` (the
     anti-aliased average of each factor x factor block), then, if ``keep_size``, bicubic-upsample
@@ -126,24 +89,3 @@ def save_png(img: np.ndarray, path: str | os.PathLike) -> str:
         raise TypeError(f"save_png needs uint8 pixels, got {img.dtype}")
     atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
     return path
-
-
-def dicom_to_array(path: str | os.PathLike) -> tuple:
-    """``(pixels, dataset)``: a DICOM file's first frame in its stored units (CT in Hounsfield
-    units after RescaleSlope/Intercept; colour images as H x W x 3 RGB uint8: pydicom converts
-    YBR to RGB itself, palette colour goes through its lookup table)."""
-    import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
-    ds = pydicom.dcmread(str(path))
-    arr = ds.pixel_array
-    if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and arr.ndim >= 3 and arr.shape[0] == int(ds.NumberOfFrames):
-        arr = arr[0]
-    photometric = str(getattr(ds, "PhotometricInterpretation", ""))
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    if arr.ndim == 2:
-        arr = apply_modality_lut(arr, ds).astype(np.float32)
-        if photometric == "MONOCHROME1":
-            arr = arr.max() - arr
-    return arr, ds

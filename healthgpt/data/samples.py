@@ -38,16 +38,23 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import nibabel
 import numpy as np
+import PIL
+import pydicom
+from pydicom.data import get_testdata_file
 
 from healthgpt.constants import IMAGE_PLACEHOLDER
 from healthgpt.data import imaging
+from healthgpt.data.converters import GEN_SIZE
+from healthgpt.data.images import DicomImage, intensity_unit, read_dicom, read_volume, take_slice, to_uint8
 from healthgpt.data.format import write_rows
 
 __all__ = ["SampleSet", "build_sample_set", "default_cache_dir", "SAMPLESET_VERSION"]
 
-SAMPLESET_VERSION = 1
-GEN_SIZE = 256
+SAMPLESET_VERSION = 2  # 2: CT windows are DICOM's linear VOI window (healthgpt.data.images)
+CT_HEAD_WINDOW = (40, 120)  # (centre, width) in HU: brain
+CT_SPINE_WINDOW = (40, 400)  # soft tissue, bone edges visible
 
 
 def default_cache_dir() -> str:
@@ -84,23 +91,19 @@ class SampleSet:
 # ---- reading the wheel files ------------------------------------------------------------------------
 
 
-def _dicom(name: str) -> tuple:
-    from pydicom.data import get_testdata_file
-
+def _dicom(name: str) -> DicomImage:
     path = get_testdata_file(name)
     if path is None:
         raise FileNotFoundError(f"pydicom test file {name} is not installed")
-    return imaging.dicom_to_array(path)
+    return read_dicom(path)
 
 
 def _nibabel_file(name: str) -> str:
-    import nibabel
-
     return os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", name)
 
 
 def _skimage():
-    try:
+    try:  # optional: the set is built without scikit-image's images when it is missing
         import skimage.data as data
     except ImportError:
         return None
@@ -108,11 +111,7 @@ def _skimage():
 
 
 def _grey(unit: np.ndarray) -> np.ndarray:
-    return imaging.to_uint8(np.clip(unit, 0.0, 1.0))
-
-
-def _gen_square(unit: np.ndarray) -> np.ndarray:
-    return imaging.resize(imaging.pad_to_square(unit.astype(np.float32)), GEN_SIZE, "bicubic").clip(0.0, 1.0)
+    return to_uint8(np.clip(unit, 0.0, 1.0))
 
 
 def _mri_style(hu: np.ndarray) -> np.ndarray:
@@ -135,28 +134,28 @@ def _images(img_dir: str) -> dict:
     def put(name, arr, **facts):
         out[name] = dict(path=imaging.save_png(arr, os.path.join(img_dir, name + ".png")), **facts)
 
-    ct_head, _ = _dicom("J2K_pixelrep_mismatch.dcm")
-    ct_spine, _ = _dicom("CT_small.dcm")
-    mr_abd, _ = _dicom("examples_overlay.dcm")
-    mr_small, _ = _dicom("MR_small.dcm")
-    us, _ = _dicom("examples_rgb_color.dcm")
-    anat, _ = imaging.load_volume(_nibabel_file("anatomical.nii"))
-    epi, _ = imaging.load_volume(_nibabel_file("example4d.nii.gz"))
+    ct_head = _dicom("J2K_pixelrep_mismatch.dcm").values  # Hounsfield units
+    ct_spine = _dicom("CT_small.dcm").values
+    mr_abd = _dicom("examples_overlay.dcm").values
+    mr_small = _dicom("MR_small.dcm").values
+    us = _dicom("examples_rgb_color.dcm").values  # RGB uint8
+    anat = read_volume(_nibabel_file("anatomical.nii"))
+    epi = read_volume(_nibabel_file("example4d.nii.gz"))
 
-    put("ct_head", _grey(imaging.window(ct_head, 40, 120)), modality="CT", region="head", organ="brain",
+    put("ct_head", _grey(intensity_unit(ct_head, CT_HEAD_WINDOW)), modality="CT", region="head", organ="brain",
         caption="An axial CT slice of the head showing the brain inside the skull.")
-    put("ct_spine", _grey(imaging.window(ct_spine, 40, 400)), modality="CT", region="spine", organ="vertebra",
+    put("ct_spine", _grey(intensity_unit(ct_spine, CT_SPINE_WINDOW)), modality="CT", region="spine", organ="vertebra",
         caption="An axial CT slice through a vertebra with the surrounding back muscles.")
     put("mr_abdomen", _grey(imaging.percentile_normalise(mr_abd)), modality="MRI", region="abdomen", organ="liver",
         caption="An axial MRI slice of the upper abdomen with a marked lesion in the liver.")
     put("mr_small", _grey(imaging.percentile_normalise(mr_small)), modality="MRI", region=None, organ=None,
         caption="A small, low-resolution MRI slice.")
-    put("us_lymph_node", us.astype(np.uint8), modality="ultrasound", region="neck", organ="lymph node",
+    put("us_lymph_node", us, modality="ultrasound", region="neck", organ="lymph node",
         caption="An ultrasound image of a lymph node.")
     for z in (9, 13, 17):
-        put(f"mr_brain_{z}", _grey(imaging.percentile_normalise(imaging.pad_to_square(imaging.axial_slice(anat, z)))),
+        put(f"mr_brain_{z}", _grey(imaging.percentile_normalise(imaging.pad_to_square(take_slice(anat, z)))),
             modality="MRI", region="head", organ="brain", caption="A low-resolution MRI slice of the brain.")
-    put("epi_brain", _grey(imaging.percentile_normalise(imaging.pad_to_square(imaging.axial_slice(epi, 12)))),
+    put("epi_brain", _grey(imaging.percentile_normalise(imaging.pad_to_square(take_slice(epi, 12)))),
         modality="MRI", region="head", organ="brain", caption="An echo-planar (functional) MRI slice of the brain.")
     sk = _skimage()
     if sk is not None:
@@ -169,13 +168,13 @@ def _images(img_dir: str) -> dict:
             caption="A close-up greyscale fundus image of retinal vessels with microaneurysms.")
     # generation material: 256 x 256 squares (unit floats kept for the pairs)
     gen = {
-        "ct_head": imaging.window(ct_head, 40, 120),
+        "ct_head": intensity_unit(ct_head, CT_HEAD_WINDOW),
         "mr_abdomen": imaging.percentile_normalise(mr_abd),
-        "mr_brain_13": imaging.percentile_normalise(imaging.axial_slice(anat, 13)),
-        "epi_brain": imaging.percentile_normalise(imaging.axial_slice(epi, 12)),
-        "ct_spine": imaging.window(ct_spine, 40, 400),
+        "mr_brain_13": imaging.percentile_normalise(take_slice(anat, 13)),
+        "epi_brain": imaging.percentile_normalise(take_slice(epi, 12)),
+        "ct_spine": intensity_unit(ct_spine, CT_SPINE_WINDOW),
     }
-    out["_gen"] = {k: _gen_square(v) for k, v in gen.items()}
+    out["_gen"] = {k: imaging.square_unit(v, GEN_SIZE) for k, v in gen.items()}
     out["_hu"] = {"ct_head": ct_head, "ct_spine": ct_spine}
     return out
 
@@ -224,17 +223,17 @@ def _rows(images: dict, root: str) -> tuple:
     # generation: reconstruction (stage 1), super-resolution and CT <-> MRI-style (stage 3)
     gdir = os.path.join(root, "images", "gen")
     for name, unit in images["_gen"].items():
-        hr = imaging.save_png(imaging.to_uint8(unit), os.path.join(gdir, f"{name}_256.png"))
+        hr = imaging.save_png(to_uint8(unit), os.path.join(gdir, f"{name}_256.png"))
         align.append(_gen(f"align-recon-{name}", rel(hr), rel(hr), RECON_Q))
-        lr = imaging.save_png(imaging.to_uint8(imaging.degrade(unit, 4).clip(0, 1)), os.path.join(gdir, f"{name}_lr4x.png"))
+        lr = imaging.save_png(to_uint8(imaging.degrade(unit, 4).clip(0, 1)), os.path.join(gdir, f"{name}_lr4x.png"))
         modality = "CT" if name.startswith("ct") else "MRI"
         instruct.append(_gen(f"sr4x-{name}", rel(lr), rel(hr), SR_Q.format(m=modality)))
     for name, hu in images["_hu"].items():
         views = {"full": hu, "zoom": _centre_crop(hu, 0.75), "flip": hu[:, ::-1]}
-        level, width = (40, 120) if name == "ct_head" else (40, 400)
+        window = CT_HEAD_WINDOW if name == "ct_head" else CT_SPINE_WINDOW
         for view, v in views.items():
-            ct = imaging.save_png(imaging.to_uint8(_gen_square(imaging.window(v, level, width))), os.path.join(gdir, f"{name}_{view}_ct.png"))
-            mr = imaging.save_png(imaging.to_uint8(_gen_square(_mri_style(v))), os.path.join(gdir, f"{name}_{view}_mristyle.png"))
+            ct = imaging.save_png(to_uint8(imaging.square_unit(intensity_unit(v, window), GEN_SIZE)), os.path.join(gdir, f"{name}_{view}_ct.png"))
+            mr = imaging.save_png(to_uint8(imaging.square_unit(_mri_style(v), GEN_SIZE)), os.path.join(gdir, f"{name}_{view}_mristyle.png"))
             instruct.append(_gen(f"ct2mr-{name}-{view}", rel(ct), rel(mr), CT2MR_Q))
             if view == "full":
                 instruct.append(_gen(f"mr2ct-{name}-{view}", rel(mr), rel(ct), MR2CT_Q))
@@ -250,14 +249,10 @@ def _centre_crop(a: np.ndarray, frac: float) -> np.ndarray:
 
 def _source_key() -> str:
     """Versions of the packages the set is read from (a new version may change the bytes)."""
-    import nibabel
-    import PIL
-    import pydicom
-
     parts = [f"v{SAMPLESET_VERSION}", f"pydicom={pydicom.__version__}", f"nibabel={nibabel.__version__}", f"pillow={PIL.__version__}"]
     sk = _skimage()
     if sk is not None:
-        import skimage
+        import skimage  # optional, as in _skimage
 
         parts.append(f"skimage={skimage.__version__}")
     return hashlib.sha256(";".join(parts).encode()).hexdigest()[:12]
