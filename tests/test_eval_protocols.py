@@ -13,6 +13,7 @@ import pytest
 from healthgpt.cli.eval import add_eval_arguments, run_eval
 from healthgpt.evaluation import llava_med
 from healthgpt.evaluation.huatuogpt_vision import match_option
+from healthgpt.evaluation.report import table1
 from healthgpt.evaluation.scoring import score_text_rows
 
 
@@ -211,3 +212,18 @@ def test_cli_candidates(tmp_path, capsys):
     assert run_eval(_args("--bench", "mmmu-med", "--predictions", p, "--candidates", cands, "--out", tmp_path / "c")) == 2
     err = capsys.readouterr().err
     assert "non-empty" in err and "VQA benchmarks" in err
+
+
+def test_open_choice_unparsed_rows_are_counted():
+    rows = [dict(id="1", answer="Liver", answer_type="open", prediction="It is the liver", options=["Liver", "Spleen"]),
+            dict(id="2", answer="Spleen", answer_type="open", prediction="kidney", options=["Liver", "Spleen"])]
+    summary, scored = score_text_rows("pathvqa", rows, protocol="llava-med")
+    assert [s["picked"] for s in scored] == ["A", None]       # 'kidney' names neither option
+    assert summary["open_scoring"] == "choice" and summary["open"] == 50.0
+    assert summary["open_choice_unparsed"] == 1
+
+
+def test_table_rows_from_a_summary_written_before_protocols():
+    old = {"bench": "slake", "close": 50.0, "all": 60.0}          # no protocol keys: it was strict
+    lines = table1({"slake": old}, "M").splitlines()
+    assert lines[3:] == ["| M [strict] | - | - | 50.0 | 60.0 | - | - | - | - | - |"]
