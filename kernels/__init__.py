@@ -5,6 +5,6 @@
 the Triton kernels and their launchers are in ``fused_linear.py``, imported on the first call.
 """
 
-from .ops import fused_hlora_linear
+from .ops import fused_hlora_linear, hlora_adapter_add
 
-__all__ = ["fused_hlora_linear"]
+__all__ = ["fused_hlora_linear", "hlora_adapter_add"]

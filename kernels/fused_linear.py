@@ -1,44 +1,56 @@
 """Triton kernels and launchers for the fused H-LoRA linear layer.
 
-What one adapted layer computes (``hlora.functional`` has the contract; T tokens, D = d_in,
+What one adapted layer computes (``hlora.kernels.reference`` has the math; T tokens, D = d_in,
 N = d_out, R = sum of plugin ranks, K = sum of plugin expert counts)::
 
     UL = x @ [A; router]^T                       [T, R + K]   rank-space values and router logits
     h  = gate(UL)                                [T, R]       softmax, routing mask, scale, dropout
-    y  = [x, h] @ [W0, B]^T + bias               [T, N]       one GEMM over an extended K axis
+    y  = base(x) + h @ B^T                       [T, N]
 
-and its backward (W0 and bias are frozen: no gradient for them)::
+and its backward (the base is frozen: no gradient for W0 or bias)::
 
-    dh   = dy @ B                                [T, R]
-    dUL  = gate_backward(dh, UL)                 [T, R + K]   (and h again, for dB)
-    dx   = [dy, dUL] @ [W0; [A; router]]         [T, D]       extended K again
-    dB   = dy^T @ h                              [N, R]       split over T
-    dAR  = dUL^T @ x                             [R + K, D]   split over T: dA and drouter
+    dh, dB = dy @ B, dy^T @ h                    one pass over dy (dB by fp32 atomics)
+    dUL    = gate_backward(dh, UL)               [T, R + K]
+    dx     = dy @ W0 + dUL @ [A; router]         [T, D]
+    dA, drouter = dUL^T @ x                      split over T, fp32 atomics into the gradients
 
-Six products run through one GEMM kernel (``_gemm_kernel``: C = A1 @ B1^T + A2 @ B2^T + bias for
-any strides, optional split of the first K axis) and the rank-space work through two small kernels
-on [T, R + K] (``_gate_fwd_kernel``, ``_gate_bwd_kernel``). Saved between forward and backward:
-x, UL (float32) and the dropout seed; nothing of width d_out, no dropout mask.
+Rank-space activations (UL, h, dh, dUL) are allocated with rows padded to a multiple of 16
+elements, so every rank-space operand row starts 16-byte aligned; A and the router are read where
+they live (two pointers, never concatenated). Saved for the backward: x, UL (float32), h (x.dtype).
+Weight gradients accumulate in float32 and are returned in the parameter's dtype (no copy when
+it is float32).
 
-Dropout is Philox (``tl.rand``) keyed by (seed, token * R + rank column), so the backward redraws
-the forward's mask from the seed alone.
+Two strategies for the base product, both exact (``HLORA_STRATEGY=auto|fused|cublas``):
+``fused`` runs y and dx as one extended-K Triton GEMM ([x, h] @ [W0, B]^T; [dy, dUL] @ [W0; A;
+router]); ``cublas`` runs the base through torch (F.linear / mm, or the base module's own forward)
+and accumulates the adapter into its output with the same GEMM kernel. ``auto`` times both on CUDA
+once per shape bucket (``tuning.py``); the interpreter uses ``fused``. ``kernels/README.md`` lists
+every launch of both plans.
 
-Under ``TRITON_INTERPRET=1`` (how the kernels run on a CPU) every kernel uses one small tile
-configuration and upcasts its operands to float32 after loading: the interpreter's bf16 ``tl.dot``
-multiplies raw bit patterns. This file must therefore be imported after the environment variable
-is set; ``hlora.kernels.ops`` imports it lazily, on the first kernel call.
+Launches go through ``_run``: tiles come from ``tuning.choose`` on CUDA (one choice per shape
+bucket, cached on disk), a fixed small tile under ``TRITON_INTERPRET=1``; ``record_launches()``
+collects the launches instead of running them (with meta tensors), which is how the compile gate
+(``tests/test_kernel_compile.py``) compiles exactly what the launchers would launch.
+
+Under ``TRITON_INTERPRET=1`` every kernel upcasts its operands to float32 after loading (the
+interpreter's bf16 ``tl.dot`` multiplies raw bit patterns), so this file must be imported after
+the environment variable is set; ``hlora.kernels.ops`` imports it lazily, on the first call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton import knobs
 
-from . import reference
+from . import reference, tuning
 
 INTERPRET = bool(knobs.runtime.interpret)
 
@@ -47,6 +59,13 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 # softmax weights of logits far below the row max are flushed to 0, as `router_gates` does
 GATE_LOG_FLOOR = tl.constexpr(reference.GATE_LOG_FLOOR)
+
+RANK_ALIGN = 16  # rank-space rows are padded to a multiple of this many elements
+STRATEGIES = ("auto", "fused", "cublas")
+
+
+def padded(n: int) -> int:
+    return -(-n // RANK_ALIGN) * RANK_ALIGN
 
 
 def _empty(shape, dtype, device):
@@ -58,20 +77,103 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def strategy() -> str:
+    name = os.environ.get("HLORA_STRATEGY", "auto").strip().lower() or "auto"
+    if name not in STRATEGIES:
+        raise ValueError(f"HLORA_STRATEGY={name!r} is not one of {', '.join(STRATEGIES)}")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
-# 1. GEMM with an extended K axis: C[M, N] = A1 @ B1^T (+ A2 @ B2^T) (+ bias)
+# launches: run, tune, or record
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: ``kernel[grid(meta)](**args, **consts, **tile)`` for the chosen tile."""
+
+    role: str  # what it computes, e.g. "ul", "y", "dh_db" (names used in kernels/README.md)
+    kernel: object
+    grid: Callable[[dict], tuple]
+    args: dict  # runtime arguments in the kernel's order (tensors, ints, floats)
+    consts: dict  # constexpr arguments fixed by the launcher
+    tiles: list  # candidate tiles: constexpr block sizes plus num_warps / num_stages
+    key: tuple  # tuning key: shape with token counts bucketed, dtypes, flags
+    reset: Optional[Callable[[], None]] = None  # re-zeroes atomic accumulators after tuning runs
+
+
+_recording: Optional[list] = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block the launchers append ``Launch`` records to the yielded list instead of
+    running kernels, and strategy ``auto`` plans ``fused``; meta tensors are accepted."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def tile_name(tile: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(tile.items()))
+
+
+def _go(launch: Launch, tile: dict):
+    meta = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
+    launch.kernel[launch.grid(meta)](
+        **launch.args, **launch.consts, **meta, num_warps=tile["num_warps"], num_stages=tile["num_stages"]
+    )
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _run(launch: Launch):
+    if _recording is not None:
+        _recording.append(launch)
+        return
+    tiles = launch.tiles
+    if len(tiles) == 1:
+        _go(launch, tiles[0])
+        return
+    by_name = {tile_name(t): t for t in tiles}
+    device = next(v.device for v in launch.args.values() if isinstance(v, torch.Tensor))
+    measured = []
+
+    def measure(name):
+        measured.append(name)
+        return _bench(lambda: _go(launch, by_name[name]))
+
+    best = tuning.choose(launch.role, device, launch.key, list(by_name), measure)
+    if measured and launch.reset is not None:
+        launch.reset()
+    _go(launch, by_name[best])
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. GEMM: C[M, N] (+)= A1 @ B1^T (+ A2 @ B2^T) (+ A3 @ B3^T) (+ bias) (+ Cin)
+# ----------------------------------------------------------------------------------------------
+# Options (all constexpr): B1's rows come from two tensors split at N_SPLIT (x @ [A; router]^T),
+# output rows split at M_SPLIT into two tensors (dA and drouter), K1 split over grid axis 1 with
+# fp32 atomic accumulation (weight gradients), Cin an input matrix added in the epilogue (the
+# base's output, for the cublas strategy; it may alias C).
 
 
 @triton.jit
 def _gemm_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2,
-    K_SPLIT,  # length of K1 each program along grid axis 1 reduces (K1 when the K axis is not split)
-    stride_a1m, stride_a1k, stride_b1n, stride_b1k,
+    a1_ptr, b1_ptr, b1x_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, cin_ptr, c_ptr, c2_ptr,
+    M, N, K1, K2, K3, N_SPLIT, M_SPLIT, K_SPLIT,
+    stride_a1m, stride_a1k, stride_b1n, stride_b1k, stride_b1xn, stride_b1xk,
     stride_a2m, stride_a2k, stride_b2n, stride_b2k,
-    stride_cs, stride_cm, stride_cn,
-    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_a3m, stride_a3k, stride_b3n, stride_b3k,
+    stride_cinm, stride_cinn, stride_cm, stride_cn, stride_c2m, stride_c2n,
+    HAS_B1X: tl.constexpr, HAS_A2: tl.constexpr, HAS_A3: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_CIN: tl.constexpr, HAS_C2: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -94,6 +196,11 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+    if HAS_B1X:  # columns n >= N_SPLIT of the product read their B row from the second tensor
+        in_x = rn >= N_SPLIT
+        rn_b = tl.where(in_x, 0, rn)
+        rn_x = tl.where(in_x, rn - N_SPLIT, 0)
+
     # first operand pair, over this program's slice [k_lo, k_hi) of K1
     k_lo = pid_s * K_SPLIT
     k_hi = min(K1, k_lo + K_SPLIT)
@@ -101,10 +208,16 @@ def _gemm_kernel(
         kk = k0 + offs_k
         k_ok = kk < k_hi
         a = tl.load(a1_ptr + rm[:, None] * stride_a1m + kk[None, :] * stride_a1k, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn[None, :] * stride_b1n, mask=k_ok[:, None], other=0.0)
+        if HAS_B1X:
+            b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn_b[None, :] * stride_b1n,
+                        mask=k_ok[:, None] & ~in_x[None, :], other=0.0).to(DOT_DTYPE)
+            b += tl.load(b1x_ptr + kk[:, None] * stride_b1xk + rn_x[None, :] * stride_b1xn,
+                         mask=k_ok[:, None] & in_x[None, :], other=0.0).to(DOT_DTYPE)
+        else:
+            b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn[None, :] * stride_b1n, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-    # second operand pair (the adapter's K columns), accumulated into the same tile
+    # further operand pairs (the adapter's K columns), accumulated into the same tile
     if HAS_A2:
         for k0 in range(0, K2, BLOCK_K):
             kk = k0 + offs_k
@@ -112,18 +225,47 @@ def _gemm_kernel(
             a = tl.load(a2_ptr + rm[:, None] * stride_a2m + kk[None, :] * stride_a2k, mask=k_ok[None, :], other=0.0)
             b = tl.load(b2_ptr + kk[:, None] * stride_b2k + rn[None, :] * stride_b2n, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_A3:
+        for k0 in range(0, K3, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K3
+            a = tl.load(a3_ptr + rm[:, None] * stride_a3m + kk[None, :] * stride_a3k, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b3_ptr + kk[:, None] * stride_b3k + rn[None, :] * stride_b3n, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
+    m64 = offs_m.to(tl.int64)
+    n64 = offs_n.to(tl.int64)
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    if HAS_CIN:
+        acc += tl.load(cin_ptr + m64[:, None] * stride_cinm + n64[None, :] * stride_cinn, mask=c_mask).to(tl.float32)
 
-    c_ptrs = c_ptr + pid_s * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_C2:  # rows >= M_SPLIT go to the second output
+        top = offs_m < M_SPLIT
+        m_lo = tl.where(top, m64, 0)
+        m_hi = tl.where(top, 0, m64 - M_SPLIT)
+        ptr1 = c_ptr + m_lo[:, None] * stride_cm + n64[None, :] * stride_cn
+        ptr2 = c2_ptr + m_hi[:, None] * stride_c2m + n64[None, :] * stride_c2n
+        if ATOMIC:
+            tl.atomic_add(ptr1, acc, mask=c_mask & top[:, None], sem="relaxed")
+            tl.atomic_add(ptr2, acc, mask=c_mask & ~top[:, None], sem="relaxed")
+        else:
+            tl.store(ptr1, acc.to(c_ptr.dtype.element_ty), mask=c_mask & top[:, None])
+            tl.store(ptr2, acc.to(c2_ptr.dtype.element_ty), mask=c_mask & ~top[:, None])
+    else:
+        ptr1 = c_ptr + m64[:, None] * stride_cm + n64[None, :] * stride_cn
+        if ATOMIC:
+            tl.atomic_add(ptr1, acc, mask=c_mask, sem="relaxed")
+        else:
+            tl.store(ptr1, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# Large problems (the training shapes) pick a tile by autotuning; small ones (decode steps, tests)
-# and the interpreter use one fixed tile: tuning them would cost more than it could save.
-_TUNED_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), for H100 / H200
+# Tiles for H100 / H200 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Large problems (the training
+# shapes) choose among them by timing once per shape bucket; small ones (decode steps) use one
+# fixed tile, and the interpreter a tiny one. Every tile here compiles without spills for every
+# launch the tuner may give it (the compile gate, tests/test_kernel_compile.py, checks).
+GEMM_TILES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -132,104 +274,202 @@ _TUNED_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), for H100 / H200
     (64, 64, 64, 4, 4),
     (128, 32, 64, 4, 4),
 ]
+# rank-space outputs (UL: N = R + K; dA/drouter: M = R + K) use tiles no larger than these
+_RANK_SIDE_MAX = 128
 _SMALL_PROBLEM = 2**30  # M * N * K below this (about 1 GFLOP, microseconds on an H100): fixed tile
+_SPLIT_ALIGN = 16 if INTERPRET else 256  # slices of a split K axis: a multiple of every BLOCK_K
 
 
-def _fixed_config(M):
+def _tile(bm, bn, bk, warps, stages, group_m=8):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+
+
+def _gemm_tiles(M, N, K, m_cap=None, n_cap=None):
     if INTERPRET:  # small tiles: several tiles and K steps even on the tests' tiny shapes
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (N = R + K is often 68): they only waste tuning time."""
-    m_cap = max(32, triton.next_power_of_2(named_args["M"]))
-    n_cap = max(32, triton.next_power_of_2(named_args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    return kept or configs[-1:]
-
-
-def _bench(kernel_call, quantiles):  # short timing runs: tuning happens once per shape, in the first step
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
-_gemm_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in _TUNED_SHAPES
-    ],
-    key=["M", "N", "K1", "K2", "K_SPLIT", "HAS_A2", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_bench,
-)(_gemm_kernel)
+        return [_tile(16, 16, 16, 4, 1, group_m=2)]
+    if M * N * K < _SMALL_PROBLEM:
+        return [_tile(16 if M <= 16 else 64, 64, 64, 4, 3)]
+    m_cap = min(m_cap or 1 << 30, max(32, triton.next_power_of_2(M)))
+    n_cap = min(n_cap or 1 << 30, max(32, triton.next_power_of_2(N)))
+    kept = [_tile(*t) for t in GEMM_TILES if t[0] <= m_cap and t[1] <= n_cap]
+    return kept or [_tile(*GEMM_TILES[-1])]
 
 
 _NUM_SMS: dict = {}
 
 
-def _split_for(M: int, N: int, K: int, device: torch.device) -> int:
-    """How many programs share one output tile's K axis: enough tiles for about two waves of SMs
-    when M x N is small and K (the token axis, for weight gradients) is long."""
-    if INTERPRET or device.type != "cuda":
-        return 1
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+def _split_for(M: int, N: int, tokens_bucket: int, device: torch.device) -> int:
+    """Programs sharing one output tile's K (token) axis: about two waves of SMs when M x N is small.
+    A function of the token bucket, not of T, so it is part of the tuning key's bucket."""
+    if INTERPRET:
+        return 3 if tokens_bucket >= 128 else 1  # the tests' larger cases exercise the atomic split
+    if device.type != "cuda":
+        sms = 132
+    else:
+        if device not in _NUM_SMS:
+            _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _NUM_SMS[device]
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-    return max(1, min(2 * _NUM_SMS[device] // tiles, K // 512))
+    return max(1, min(2 * sms // tiles, tokens_bucket // 512))
 
 
-_SPLIT_ALIGN = 16 if INTERPRET else 256  # a multiple of every config's BLOCK_K
-
-
-def gemm(a1, b1, a2=None, b2=None, bias=None, *, out_dtype, dot_dtype, split_k=None):
-    """C[M, N] = a1 @ b1^T (+ a2 @ b2^T) (+ bias) for a1 [M, K1], b1 [N, K1], a2 [M, K2], b2 [N, K2],
-    any strides (pass transposed views freely). Products in ``dot_dtype`` (operands are cast after
-    loading), accumulation in float32, result in ``out_dtype``. ``split_k`` (default: a heuristic)
-    splits K1 over programs that write float32 partials, summed afterwards."""
-    M, K1 = a1.shape
-    N = b1.shape[0]
+def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3=None, b3=None, bias=None,
+         cin=None, out2=None, atomic=False, dot_dtype, m_cap=None, n_cap=None):
+    """out[M, N] = a1 @ b1^T (+ a2 @ b2^T) (+ a3 @ b3^T) (+ bias) (+ cin), any strides (pass
+    transposed views freely). ``b1x``: rows n >= n_split of B1 are ``b1x[n - n_split]``. ``out2``:
+    rows m >= out.shape[0] of the product go to ``out2[m - out.shape[0]]``. ``atomic``: the
+    outputs are float32 accumulators (zeroed by the caller) and K1, the token axis, is split over
+    programs that add their partial tiles atomically. ``tokens``: the token count, for the tuning
+    key's bucket. Products in ``dot_dtype``, accumulation in float32."""
+    m_split = out.shape[0]
+    M = m_split + (out2.shape[0] if out2 is not None else 0)
+    N = out.shape[1]
+    K1 = a1.shape[1]
     K2 = a2.shape[1] if a2 is not None else 0
-    if split_k is None:
-        split_k = 1 if a2 is not None else _split_for(M, N, K1, a1.device)
-    split_k = max(1, min(split_k, triton.cdiv(K1, _SPLIT_ALIGN)))
-    if split_k > 1:  # equal slices of K1, each a multiple of every BLOCK_K
-        k_split = triton.cdiv(triton.cdiv(K1, split_k), _SPLIT_ALIGN) * _SPLIT_ALIGN
-        split_k = triton.cdiv(K1, k_split)
-    if split_k == 1:
-        k_split = max(K1, 1)
-        c = _empty((M, N), out_dtype, a1.device)
-        c_strides = (0, c.stride(0), c.stride(1))
-    else:
-        c = _empty((split_k, M, N), torch.float32, a1.device)
-        c_strides = c.stride()
+    K3 = a3.shape[1] if a3 is not None else 0
     if M == 0 or N == 0:
-        return c.zero_() if split_k == 1 else c.sum(0).to(out_dtype)
-    has_a2 = a2 is not None
-    a2s = (a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1)) if has_a2 else (0, 0, 0, 0)
+        return
+    dev = a1.device
+    bucket = tuning.token_bucket(tokens)
+    split = 1
+    if atomic:
+        assert a2 is None and a3 is None and cin is None and bias is None
+        split = max(1, min(_split_for(M, N, bucket, dev), triton.cdiv(K1, _SPLIT_ALIGN)))
+    k_split = triton.cdiv(triton.cdiv(max(K1, 1), split), _SPLIT_ALIGN) * _SPLIT_ALIGN if split > 1 else max(K1, 1)
+    split = triton.cdiv(max(K1, 1), k_split)
+    if K1 + K2 + K3 == 0:
+        return
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+    def strides(t, n=2):
+        return (t.stride(0), t.stride(1)) if t is not None else (0,) * n
 
-    if INTERPRET or M * N * (K1 + K2) < _SMALL_PROBLEM:
-        kernel, tile = _gemm_kernel, _fixed_config(M)
-    else:
-        kernel, tile = _gemm_tuned, {}
-    kernel[grid](
-        a1, b1, a2 if has_a2 else a1, b2 if has_a2 else b1, bias.contiguous() if bias is not None else a1, c,
-        M, N, K1, K2, k_split,
-        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
-        *a2s,
-        *c_strides,
-        HAS_A2=has_a2, HAS_BIAS=bias is not None,
+    dummy = a1
+    args = dict(
+        a1_ptr=a1, b1_ptr=b1, b1x_ptr=b1x if b1x is not None else dummy,
+        a2_ptr=a2 if a2 is not None else dummy, b2_ptr=b2 if b2 is not None else dummy,
+        a3_ptr=a3 if a3 is not None else dummy, b3_ptr=b3 if b3 is not None else dummy,
+        bias_ptr=bias if bias is not None else dummy, cin_ptr=cin if cin is not None else dummy,
+        c_ptr=out, c2_ptr=out2 if out2 is not None else out,
+        M=M, N=N, K1=K1, K2=K2, K3=K3, N_SPLIT=n_split, M_SPLIT=m_split, K_SPLIT=k_split,
+    )
+    names = ["a1", "b1", "b1x", "a2", "b2", "a3", "b3", "cin", "c", "c2"]
+    tensors = [a1, b1, b1x, a2, b2, a3, b3, cin, out, out2 if out2 is not None else out]
+    for name, t in zip(names, tensors):
+        first, second = ("m", "k") if name[0] == "a" else ("n", "k") if name[0] == "b" else ("m", "n")
+        s = strides(t)
+        args[f"stride_{name}{first}"], args[f"stride_{name}{second}"] = s
+    consts = dict(
+        HAS_B1X=b1x is not None, HAS_A2=a2 is not None, HAS_A3=a3 is not None, HAS_BIAS=bias is not None,
+        HAS_CIN=cin is not None, HAS_C2=out2 is not None, ATOMIC=atomic,
         DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
         PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32",
-        **tile,
     )
-    return c if split_k == 1 else c.sum(0).to(out_dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+
+    def reset():
+        out.zero_()
+        if out2 is not None:
+            out2.zero_()
+
+    # the token dimension of the key is bucketed; the rest is the exact shape
+    shape = (M, N) if atomic else (N, K1)  # the token axis: K1 for weight gradients, M otherwise
+    flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic)
+    key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
+    _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, m_cap, n_cap), key,
+                reset if atomic else None))
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Rank-space gate: softmax over each plugin's experts, routing mask, scale, dropout
+# 2. dh = dy @ B and dB = dy^T @ h in one pass over dy
+# ----------------------------------------------------------------------------------------------
+# Grid: token blocks x rank chunks (rank chunk fastest, so the programs reading one dy block run
+# together and share it in L2). Each program keeps its [BLOCK_T, BLOCK_R] block of dh in registers
+# over the whole N loop (no split, no partials) and adds each [BLOCK_N, BLOCK_R] product dy^T h into
+# the float32 dB accumulator with atomics (dB, N x R floats, stays in L2).
+
+
+@triton.jit
+def _dh_db_kernel(
+    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr,
+    T, N, R,
+    stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db,
+    HAS_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    num_r = tl.cdiv(R, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_t = pid // num_r
+    pid_r = pid % num_r
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_ok = offs_t < T
+    r_ok = offs_r < R
+    t64 = offs_t.to(tl.int64)
+    if HAS_DB:
+        h = tl.load(h_ptr + t64[:, None] * stride_h + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        h = h.to(DOT_DTYPE)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        dy = tl.load(dy_ptr + t64[:, None] * stride_dyt + n64[None, :] * stride_dyn,
+                     mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptr + n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(dy, b, acc, input_precision=PRECISION)
+        if HAS_DB:
+            part = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
+            tl.atomic_add(db_ptr + n64[:, None] * stride_db + offs_r[None, :], part,
+                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+    tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
+
+
+DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages)
+    (256, 64, 64, 8, 3),
+    (128, 64, 128, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 64, 128, 4, 3),
+]
+
+
+def _dh_db_tiles(T, R):
+    r_pow = max(16, triton.next_power_of_2(R))
+    if INTERPRET:
+        return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=min(r_pow, 16), num_warps=4, num_stages=1)]
+    tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=min(r_pow, br), num_warps=w, num_stages=s)
+             for bt, bn, br, w, s in DH_DB_TILES]
+    if T <= 64:
+        return [dict(BLOCK_T=64 if T > 16 else 16, BLOCK_N=64, BLOCK_R=min(r_pow, 64), num_warps=4, num_stages=3)]
+    unique = {tile_name(t): t for t in tiles}
+    return list(unique.values())
+
+
+def dh_db(dy, B, h, dh, db, *, dot_dtype):
+    """dh[T, R] = dy @ B (float32), and db[N, R] += dy^T @ h (float32 accumulator, zeroed by the
+    caller) when ``db`` is given."""
+    T, N = dy.shape
+    R = B.shape[1]
+    if T == 0 or R == 0:
+        return
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(R, meta["BLOCK_R"]),)
+
+    args = dict(dy_ptr=dy, b_ptr=B, h_ptr=h, dh_ptr=dh, db_ptr=db if db is not None else dh, T=T, N=N, R=R,
+                stride_dyt=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
+                stride_h=h.stride(0), stride_dh=dh.stride(0), stride_db=db.stride(0) if db is not None else 0)
+    consts = dict(HAS_DB=db is not None, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
+                  PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32")
+    key = (tuning.token_bucket(T), N, R, str(dot_dtype), db is not None)
+    _run(Launch("dh_db", _dh_db_kernel, grid, args, consts, _dh_db_tiles(T, R), key,
+                (lambda: db.zero_()) if db is not None else None))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Rank-space gate: softmax over each plugin's experts, routing mask, scale, dropout
 # ----------------------------------------------------------------------------------------------
 # Grid: (token blocks, plugins). Program (i, q) owns plugin q's R_q rank columns and k_q logits for
 # its tokens, viewed as a [tokens, k_q experts, r_q ranks] block (column r_off + e * r_q + j), and
@@ -299,8 +539,8 @@ def _gate_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _gate_bwd_kernel(
-    ul_ptr, dh_ptr, tp_ptr, meta_ptr, scale_ptr, h_ptr, dul_ptr,
-    T, R, stride_ul, stride_dh, stride_h, stride_dul, seed,
+    ul_ptr, dh_ptr, tp_ptr, meta_ptr, scale_ptr, dul_ptr,
+    T, R, stride_ul, stride_dh, stride_dul, seed,
     HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
 ):
@@ -332,10 +572,9 @@ def _gate_bwd_kernel(
             sm = s_q * _dropout_factor(seed, offs_t, col, R, p_drop)
         else:
             sm = s_q
-        su = u * sm
-        tl.store(h_ptr + t64[:, None, None] * stride_h + col[None, :, :], (su * g3).to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(dul_ptr + t64[:, None, None] * stride_dul + col[None, :, :], (dh * sm * g3).to(dul_ptr.dtype.element_ty), mask=mask)
-        dg += tl.sum(dh * su, axis=2)
+        dsm = dh * sm
+        tl.store(dul_ptr + t64[:, None, None] * stride_dul + col[None, :, :], (dsm * g3).to(dul_ptr.dtype.element_ty), mask=mask)
+        dg += tl.sum(dsm * u, axis=2)
 
     dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
     dl_ptrs = dul_ptr + t64[:, None] * stride_dul + (R + k_off + offs_e)[None, :]
@@ -360,19 +599,35 @@ def _plugin_meta(ranks, experts, scales, dropouts, device):
     return _META_CACHE[key]
 
 
-def _gate_blocks(ranks, experts):
-    """(BLOCK_T, K_PAD, R_CHUNK) for the gate kernels: about 4096 elements per [tokens, k, r] block."""
+GATE_BLOCK_ELEMENTS = 2048  # [tokens, k, r] elements per program and rank chunk: no spills (compile gate)
+
+
+def _gate_tile(ranks, experts):
+    """BLOCK_T, K_PAD, R_CHUNK and warps for the gate kernels."""
     k_pad = max(2, triton.next_power_of_2(max(experts)))
     r_max = max(R_p // k_p for R_p, k_p in zip(ranks, experts))
     if INTERPRET:  # small chunks, so the tests exercise the token-block and rank-chunk loops
-        return 4, k_pad, 2
-    r_chunk = max(2, min(triton.next_power_of_2(r_max), 512 // k_pad))
-    block_t = max(2, min(64, 4096 // (k_pad * r_chunk)))
-    return block_t, k_pad, r_chunk
+        return dict(BLOCK_T=4, K_PAD=k_pad, R_CHUNK=2, num_warps=4, num_stages=1)
+    r_chunk = max(2, min(triton.next_power_of_2(r_max), 256 // k_pad))
+    block_t = max(2, min(64, GATE_BLOCK_ELEMENTS // (k_pad * r_chunk)))
+    return dict(BLOCK_T=block_t, K_PAD=k_pad, R_CHUNK=r_chunk, num_warps=4, num_stages=1)
+
+
+def _gate(role, kernel, args, T, ranks, experts, dropouts, seed, token_plugin, meta, scale):
+    tile = _gate_tile(ranks, experts)
+    args = dict(args, tp_ptr=token_plugin if token_plugin is not None else meta, meta_ptr=meta, scale_ptr=scale,
+                T=T, R=sum(ranks), seed=seed)
+    ordered = {name: args[name] for name in kernel.arg_names if name in args}
+
+    def grid(m):
+        return (triton.cdiv(T, m["BLOCK_T"]), len(ranks))
+
+    consts = dict(HAS_ROUTING=token_plugin is not None, HAS_DROPOUT=max(dropouts) > 0)
+    _run(Launch(role, kernel, grid, ordered, consts, [tile], ()))
 
 
 def _check_launch(x, R, dropouts):
-    if x.device.type != "cuda" and not INTERPRET:
+    if x.device.type not in ("cuda", "meta") and not INTERPRET:
         raise RuntimeError(
             "hlora.kernels: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before their "
             "first call to run (slowly) on the CPU; HLORA_BACKEND=torch avoids them."
@@ -382,54 +637,99 @@ def _check_launch(x, R, dropouts):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Launchers: the whole forward and the whole backward of one layer
+# 4. Launchers: the whole forward and the whole backward of one layer
 # ----------------------------------------------------------------------------------------------
 
 
-def hlora_forward(x, weight, bias, A, B, router, token_plugin, ranks, experts, scales, dropouts, seed):
-    """x [T, D] -> (y [T, N] in x.dtype, UL [T, R + K] float32, saved for the backward).
+def _choose_strategy(role, device, key, run):
+    """'fused' or 'cublas' for the product ``role`` (y or dx): ``HLORA_STRATEGY``, else on CUDA the
+    faster of the two, timed once per shape bucket and remembered with the tuning results."""
+    name = strategy()
+    if name != "auto":
+        return name
+    if INTERPRET or _recording is not None or device.type != "cuda":
+        return "fused"
+    return tuning.choose(f"strategy-{role}", device, key, ["fused", "cublas"], lambda s: _bench(lambda: run(s)))
+
+
+def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, experts, scales, dropouts, seed):
+    """x [T, D] -> (y [T, N] in x.dtype, UL [T, R + K] float32, h [T, R] x.dtype); UL and h are views
+    of buffers whose rows are padded to ``padded(R + K)`` and ``padded(R)`` elements.
+    The base is ``weight`` [N, D] (+ ``bias``), or ``y_base`` [T, N], its output computed by the caller.
     ranks / experts / scales / dropouts: tuples, one entry per plugin; token_plugin: int32 [T] or None."""
-    T, R = x.shape[0], sum(ranks)
+    T, R, K = x.shape[0], sum(ranks), sum(experts)
     _check_launch(x, R, dropouts)
-    dt = x.dtype
-    w_cat = torch.cat([A, router.to(A.dtype)])  # [R + K, D], cast to x.dtype tile by tile in the GEMM
-    ul = gemm(x, w_cat, out_dtype=torch.float32, dot_dtype=dt)
-    h = _empty((T, R), dt, x.device)
+    dt, dev = x.dtype, x.device
+    ul = _empty((T, padded(R + K)), torch.float32, dev)
+    gemm("ul", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX)
+    h = _empty((T, padded(R)), dt, dev)
     if T > 0:
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, x.device)
-        block_t, k_pad, r_chunk = _gate_blocks(ranks, experts)
-        _gate_fwd_kernel[(triton.cdiv(T, block_t), len(ranks))](
-            ul, token_plugin if token_plugin is not None else meta, meta, scale, h,
-            T, R, ul.stride(0), h.stride(0), seed,
-            HAS_ROUTING=token_plugin is not None, HAS_DROPOUT=max(dropouts) > 0,
-            BLOCK_T=block_t, K_PAD=k_pad, R_CHUNK=r_chunk,
-        )
-    y = gemm(x, weight, h, B, bias, out_dtype=dt, dot_dtype=dt)
-    return y, ul
+        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
+        _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
+              T, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+    hr = h[:, :R]
+    N = B.shape[0]
+
+    def y_product(how):
+        if y_base is not None:  # the caller's base output: add the adapter into a copy
+            y = _empty((T, N), dt, dev)
+            gemm("y_adapter", y, hr, B, cin=y_base, tokens=T, dot_dtype=dt)
+        elif how == "fused":
+            y = _empty((T, N), dt, dev)
+            gemm("y_fused", y, x, weight, a2=hr, b2=B, bias=bias, tokens=T, dot_dtype=dt)
+        else:
+            y = F.linear(x, weight, bias)
+            gemm("y_adapter", y, hr, B, cin=y, tokens=T, dot_dtype=dt)
+        return y
+
+    how = "cublas" if y_base is not None else _choose_strategy(
+        "y", dev, (tuning.token_bucket(T), N, x.shape[1], R, str(dt), bias is not None), y_product)
+    return y_product(how), ul[:, : R + K], hr  # views of the padded buffers: no padding is handed out
 
 
-def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, ranks, experts, scales, dropouts, seed,
+def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, experts, scales, dropouts, seed,
                    need_dx=True, need_dw=True):
-    """-> (dx [T, D] in x.dtype or None, dB [N, R] float32 or None, d[A; router] [R + K, D] float32 or None)."""
-    T, R = x.shape[0], sum(ranks)
+    """-> (dx [T, D] in x.dtype or None, dA, dB, drouter in their parameters' dtypes, or None).
+    ``weight`` None: the base's dx is the caller's (autograd through its module): dx is the
+    adapter's part only."""
+    T, D = x.shape
+    R, K = sum(ranks), sum(experts)
+    N = B.shape[0]
     _check_launch(x, R, dropouts)
-    dt = x.dtype
-    dh = gemm(dy, B.t(), out_dtype=torch.float32, dot_dtype=dt)  # [T, R]
-    h = _empty((T, R), dt, x.device)
-    dul = _empty((T, ul.shape[1]), dt, x.device)
+    dt, dev = x.dtype, x.device
+    dh = _empty((T, padded(R)), torch.float32, dev)
+    dB = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_dw else None
+    dh_db(dy, B, h, dh, dB, dot_dtype=dt)  # h: [T, R], rows padded
+    dul = _empty((T, padded(R + K)), dt, dev)
     if T > 0:
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, x.device)
-        block_t, k_pad, r_chunk = _gate_blocks(ranks, experts)
-        _gate_bwd_kernel[(triton.cdiv(T, block_t), len(ranks))](
-            ul, dh, token_plugin if token_plugin is not None else meta, meta, scale, h, dul,
-            T, R, ul.stride(0), dh.stride(0), h.stride(0), dul.stride(0), seed,
-            HAS_ROUTING=token_plugin is not None, HAS_DROPOUT=max(dropouts) > 0,
-            BLOCK_T=block_t, K_PAD=k_pad, R_CHUNK=r_chunk,
-        )
-    w_cat = torch.cat([A, router.to(A.dtype)])
-    dx = gemm(dy, weight.t(), dul, w_cat.t(), out_dtype=dt, dot_dtype=dt) if need_dx else None
-    dB = dw_cat = None
+        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
+        _gate("gate_bwd", _gate_bwd_kernel,
+              dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
+                   stride_dul=dul.stride(0)),
+              T, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+    du, dl = dul[:, :R], dul[:, R : R + K]
+
+    def dx_product(how):
+        dx = _empty((T, D), dt, dev)
+        if weight is None:
+            gemm("dx_adapter", dx, du, A.t(), a2=dl, b2=router.t(), tokens=T, dot_dtype=dt)
+        elif how == "fused":
+            gemm("dx_fused", dx, dy, weight.t(), a2=du, b2=A.t(), a3=dl, b3=router.t(), tokens=T, dot_dtype=dt)
+        else:
+            torch.mm(dy, weight, out=dx)
+            gemm("dx_adapter", dx, du, A.t(), a2=dl, b2=router.t(), cin=dx, tokens=T, dot_dtype=dt)
+        return dx
+
+    dx = None
+    if need_dx:
+        how = "cublas" if weight is None else _choose_strategy(
+            "dx", dev, (tuning.token_bucket(T), N, D, R, str(dt)), dx_product)
+        dx = dx_product(how)
+    dA = drouter = None
     if need_dw:
-        dB = gemm(dy.t(), h.t(), out_dtype=torch.float32, dot_dtype=dt)  # [N, R]
-        dw_cat = gemm(dul.t(), x.t(), out_dtype=torch.float32, dot_dtype=dt)  # [R + K, D]
-    return dx, dB, dw_cat
+        dA = torch.zeros((R, D), dtype=torch.float32, device=dev)
+        drouter = torch.zeros((K, D), dtype=torch.float32, device=dev)
+        gemm("dar", dA, dul[:, : R + K].t(), x.t(), out2=drouter, atomic=True, tokens=T, dot_dtype=dt,
+             m_cap=_RANK_SIDE_MAX)
+        dA, dB, drouter = dA.to(A.dtype), dB.to(B.dtype), drouter.to(router.dtype)  # no copy for float32
+    return dx, dA, dB, drouter

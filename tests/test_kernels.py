@@ -169,6 +169,36 @@ def test_forward_and_gradients_match_float64(name, dtype):
         assert torch.equal(y[tp == -1], y_base[tp == -1])
 
 
+@pytest.mark.parametrize("how", ["fused", "cublas", "module"])
+def test_strategies_and_a_module_base_match_float64(how, monkeypatch):
+    """Both strategies for the base product, and a base given as a module (its own forward and
+    autograd, the adapter added into its output), on mixed routing with 70 tokens (enough for the
+    weight gradients' atomic split under the interpreter)."""
+    monkeypatch.setenv("HLORA_STRATEGY", "fused" if how == "module" else how)
+    ranks, experts, scales = (12, 4), (3, 4), (1.0, 3.0)
+    case = make_case(70, 21, 19, ranks, experts, torch.float32)
+    tp = torch.randint(-1, 2, (70,), generator=torch.Generator().manual_seed(5)).to(DEV)
+    if how == "module":
+        base = torch.nn.Linear(21, 19).to(DEV).requires_grad_(False)
+        with torch.no_grad():
+            base.weight.copy_(case["W"])
+            base.bias.copy_(case["b"])
+        y, w, grads = run({**case, "W": base, "b": None}, ranks, experts, scales, tp)
+    else:
+        y, w, grads = run(case, ranks, experts, scales, tp)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert_near(y, y_ref, 1e-5, "y")
+    for k in ("x", "A", "B", "router"):
+        assert_near(grads[k], g_ref[k], 2e-5, f"d{k}")
+
+
+def test_unknown_strategy_is_refused(monkeypatch):
+    monkeypatch.setenv("HLORA_STRATEGY", "fastest")
+    case = make_case(3, 19, 23, (8,), (2,), torch.float32)
+    with pytest.raises(ValueError, match="HLORA_STRATEGY"):
+        hlora_linear(case["x"], case["W"], case["b"], case["A"], case["B"], case["router"], (8,), (2,), (2.0,))
+
+
 def test_unrouted_tokens_are_the_base_layer_exactly():
     dtype = torch.float32
     ranks, experts, scales = (8, 12), (2, 3), (2.0, 0.5)
@@ -221,23 +251,50 @@ def test_peaked_router_flushes_tiny_gates():
     assert torch.equal(g_ref["router"], torch.zeros_like(g_ref["router"]))
 
 
-def test_gemm_split_k_and_transposed_operands():
-    """The one GEMM kernel: both K pairs, bias, transposed views, and K1 split over programs."""
+def test_gemm_options_and_transposed_operands():
+    """The one GEMM kernel: three K pairs, bias, an added input matrix, transposed views, B rows
+    from two tensors, output rows to two tensors, and the atomic split of a long K axis."""
     g = torch.Generator().manual_seed(3)
-    a1 = torch.randn(45, 21, generator=g).to(DEV)
-    b1 = torch.randn(21, 33, generator=g).to(DEV).t()  # [33, 21], column-major
-    a2 = torch.randn(9, 45, generator=g).to(DEV).t()  # [45, 9], column-major
-    b2 = torch.randn(33, 9, generator=g).to(DEV)
-    bias = torch.randn(33, generator=g).to(DEV)
-    expected = a1.double() @ b1.double().t() + a2.double() @ b2.double().t() + bias.double()
-    c = fused_linear.gemm(a1, b1, a2, b2, bias, out_dtype=torch.float32, dot_dtype=torch.float32)
-    assert_near(c, expected, 1e-5, "extended-K GEMM")
-    # weight-gradient form: the long token axis is the reduction, split in 3 slices (also on a GPU,
-    # where slices are multiples of 256)
-    dy, h = torch.randn(600, 33, generator=g).to(DEV), torch.randn(600, 9, generator=g).to(DEV)
-    for split in (1, 3):
-        c = fused_linear.gemm(dy.t(), h.t(), out_dtype=torch.float32, dot_dtype=torch.float32, split_k=split)
-        assert_near(c, dy.double().t() @ h.double(), 1e-5, f"split {split}")
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEV)
+
+    a1, b1 = rnd(45, 21), rnd(21, 33).t()  # b1 [33, 21], column-major
+    a2, b2 = rnd(9, 45).t(), rnd(33, 9)  # a2 [45, 9], column-major
+    a3, b3 = rnd(45, 5), rnd(33, 5)
+    bias, cin = rnd(33), rnd(45, 33)
+    c = torch.full((45, 33), float("nan"), device=DEV)
+    fused_linear.gemm("test", c, a1, b1, a2=a2, b2=b2, a3=a3, b3=b3, bias=bias, cin=cin, tokens=45,
+                      dot_dtype=torch.float32)
+    d = {k: v.double() for k, v in dict(a1=a1, b1=b1, a2=a2, b2=b2, a3=a3, b3=b3, bias=bias, cin=cin).items()}
+    expected = d["a1"] @ d["b1"].t() + d["a2"] @ d["b2"].t() + d["a3"] @ d["b3"].t() + d["bias"] + d["cin"]
+    assert_near(c, expected, 1e-5, "three pairs + bias + cin")
+    # B rows from two tensors (x @ [A; router]^T without concatenating)
+    A, router = rnd(20, 21), rnd(7, 21)
+    c = torch.full((45, 27), float("nan"), device=DEV)
+    fused_linear.gemm("test", c, a1, A, b1x=router, n_split=20, tokens=45, dot_dtype=torch.float32)
+    assert_near(c, d["a1"] @ torch.cat([A, router]).double().t(), 1e-5, "two B pointers")
+    # weight-gradient form: the long token axis is K, split over programs (3 under the interpreter,
+    # multiples of 256 tokens on a GPU) that add atomically into two outputs split by rows
+    dy, x = rnd(600, 27), rnd(600, 21)
+    top, bottom = torch.zeros(20, 21, device=DEV), torch.zeros(7, 21, device=DEV)
+    fused_linear.gemm("test", top, dy.t(), x.t(), out2=bottom, atomic=True, tokens=600, dot_dtype=torch.float32)
+    expected = dy.double().t() @ x.double()
+    assert_near(top, expected[:20], 1e-5, "atomic split, rows < 20")
+    assert_near(bottom, expected[20:], 1e-5, "atomic split, rows >= 20")
+
+
+def test_dh_and_db_in_one_pass():
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(37, 29, generator=g).to(DEV)
+    B = torch.randn(29, 20, generator=g).to(DEV)
+    h = torch.randn(37, 32, generator=g).to(DEV)  # rows padded to 32, 20 used
+    dh = torch.full((37, 32), float("nan"), device=DEV)
+    db = torch.zeros(29, 20, device=DEV)
+    fused_linear.dh_db(dy, B, h, dh, db, dot_dtype=torch.float32)
+    assert_near(dh[:, :20], dy.double() @ B.double(), 1e-5, "dh")
+    assert_near(db, dy.double().t() @ h[:, :20].double(), 1e-5, "dB")
+    assert torch.isnan(dh[:, 20:]).all()  # the padding is never written (nor read)
 
 
 def test_poisoned_allocation_is_active():
@@ -407,12 +464,14 @@ def test_custom_ops_pass_opcheck():
     tp = torch.tensor([0, 1, -1, 1, 0, -1, 1], device=DEV, dtype=torch.int32)
     A, B, router = (case[k].clone().requires_grad_() for k in ("A", "B", "router"))
     x = case["x"].clone().requires_grad_()
-    fwd_args = (x, case["W"], case["b"], A, B, router, tp, ranks, experts, scales, [0.1, 0.1], 123)
+    fwd_args = (x, case["W"], case["b"], None, A, B, router, tp, ranks, experts, scales, [0.1, 0.1], 123)
     torch.library.opcheck(torch.ops.hlora.fused_fwd.default, fwd_args)
     with torch.no_grad():
-        _, ul = torch.ops.hlora.fused_fwd(*fwd_args)
+        _, ul, h = torch.ops.hlora.fused_fwd(*fwd_args)
+    # rank-space activations: rows padded to a multiple of 16 elements (R + K = 25, R = 20)
+    assert ul.shape == (7, 25) and h.shape == (7, 20) and ul.stride() == (32, 1) and h.stride() == (32, 1)
     dy = torch.randn(7, 23, device=DEV)
-    bwd_args = (dy, x.detach(), case["W"], A.detach(), B.detach(), router.detach(), tp, ul, ranks, experts, scales,
+    bwd_args = (dy, x.detach(), case["W"], A.detach(), B.detach(), router.detach(), tp, ul, h, ranks, experts, scales,
                 [0.1, 0.1], 123, True, True)
     torch.library.opcheck(torch.ops.hlora.fused_bwd.default, bwd_args)
 
