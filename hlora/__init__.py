@@ -9,9 +9,10 @@
 """
 
 from . import functional
+from .checked import CheckpointError, copy_checked
 from .config import HLoRAConfig, PluginConfig
 from .interop import from_peft
-from .io import CheckpointError, load, plugin_state_dict, save
+from .io import load, plugin_state_dict, save
 from .layer import AdapterLayer, HLoRALinear, LoRALinear, MoELoRALinear
 from .model import (
     adapter_layers,
@@ -19,7 +20,9 @@ from .model import (
     get_task,
     inject,
     merge,
+    named_adapter_layers,
     print_trainable_parameters,
+    set_dropout,
     set_task,
     set_trainable,
     task,
@@ -39,6 +42,7 @@ __all__ = [
     "get_task",
     "task",
     "set_trainable",
+    "set_dropout",
     "trainable_parameters",
     "print_trainable_parameters",
     "merge",
@@ -48,7 +52,9 @@ __all__ = [
     "plugin_state_dict",
     "from_peft",
     "CheckpointError",
+    "copy_checked",
     "adapter_layers",
+    "named_adapter_layers",
     "get_config",
     "AdapterLayer",
     "HLoRALinear",

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from .checked import CheckpointError
 from .config import HLoRAConfig, PluginConfig
-from .io import CheckpointError, load_plugin_state
+from .io import load_plugin_state
 
 __all__ = ["from_peft"]
 

@@ -7,7 +7,6 @@ atomically is a complete checkpoint on its own: a crash mid-save leaves the prev
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import replace
 
 import torch
@@ -15,17 +14,15 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checked import CheckpointError, copy_checked
 from .config import CONFIG_NAME, HLoRAConfig
-from .model import _find_modules_to_save, _named_adapter_layers, get_config, inject, unload
+from .files import atomic_write
+from .model import find_modules_to_save, get_config, inject, named_adapter_layers, unload
 
-__all__ = ["save", "load", "load_plugin_state", "atomic_write", "WEIGHTS_NAME", "CheckpointError", "plugin_state_dict"]
+__all__ = ["save", "load", "load_plugin_state", "WEIGHTS_NAME", "plugin_state_dict"]
 
 WEIGHTS_NAME = "hlora_model.safetensors"
 _META_KEY = "hlora_config"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the keys."""
 
 
 def _subset(config: HLoRAConfig, plugins) -> HLoRAConfig:
@@ -46,37 +43,15 @@ def plugin_state_dict(model: nn.Module, plugins=None) -> dict:
         raise RuntimeError(f"{type(model).__name__} has no hlora plugins to save")
     names = set(_subset(config, plugins).plugin_names)
     state = {}
-    for path, layer in _named_adapter_layers(model):
+    for path, layer in named_adapter_layers(model):
         for pname, plugin in layer.plugins.items():
             if pname in names:
                 for key, t in plugin.state_dict().items():
                     state[f"{path}.plugins.{pname}.{key}"] = t
-    for path in _find_modules_to_save(model, config):
+    for path in find_modules_to_save(model, config):
         for key, t in model.get_submodule(path).state_dict().items():
             state[f"{path}.{key}"] = t
     return state
-
-
-def atomic_write(path: str, write) -> None:
-    """Write ``path`` so that readers see the old file or the new one, never a partial write:
-    ``write`` is the text to store, or a callable that writes the temporary file it is given;
-    then fsync and rename over ``path``."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        if isinstance(write, str):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(write)
-        else:
-            write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
@@ -123,9 +98,9 @@ def load(model: nn.Module, path: str | os.PathLike, plugins=None, strict: bool =
     """Load a checkpoint saved by ``save``: injects the checkpoint's config if the model has no
     plugins yet, then copies the tensors.
 
-    Every key and shape is checked before any value is copied; on any error the model is left
-    exactly as it was (an injection done here is undone). ``strict=False`` tolerates missing and
-    unexpected keys but never a shape mismatch.
+    Every key, shape and dtype is checked before any value is copied (``hlora.copy_checked``); on
+    any error the model is left exactly as it was (an injection done here is undone).
+    ``strict=False`` tolerates missing and unexpected keys but never a shape mismatch.
     """
     ckpt_config, tensors = _read_checkpoint(path)
     wanted = _subset(ckpt_config, plugins)
@@ -144,34 +119,12 @@ def load_plugin_state(model: nn.Module, config: HLoRAConfig, tensors: dict, stri
         inject(model, config)
     try:
         _compatible(get_config(model), config)
-        expected = plugin_state_dict(model, config.plugin_names)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        shapes = [
-            f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in sorted(set(expected) & set(tensors))
-            if tensors[k].shape != expected[k].shape
-        ]
-        problems = []
-        if shapes:
-            problems.append("shape mismatch: " + _listing(shapes))
-        if strict and missing:
-            problems.append(f"missing keys ({len(missing)}): " + _listing(missing))
-        if strict and unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): " + _listing(unexpected))
-        if problems:
-            raise CheckpointError(f"cannot load {source} into {type(model).__name__}: " + " | ".join(problems))
+        copy_checked(plugin_state_dict(model, config.plugin_names), tensors, strict=strict,
+                     what=f"{source} into {type(model).__name__}")
     except BaseException:
         if injected_here:
             unload(model)
             for n, p in model.named_parameters():
                 p.requires_grad_(requires_grad[n])
         raise
-    for k, t in expected.items():
-        if k in tensors:
-            t.copy_(tensors[k].to(t.dtype))
     return model
-
-
-def _listing(items: list, most: int = 10) -> str:
-    return ", ".join(items[:most]) + (f" (+{len(items) - most} more)" if len(items) > most else "")

@@ -12,6 +12,7 @@ Subclasses say how one plugin is stored and computed:
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -25,11 +26,11 @@ __all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin
 
 
 def _conv1d_cls():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for plain PyTorch models
-        return None
-    return Conv1D
+    """transformers' ``Conv1D`` if transformers has defined it, else ``None``. Looked up rather than
+    imported: a model holding a Conv1D has imported its module already, and hlora must not pull in
+    transformers (optional) for plain PyTorch models."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def is_adaptable(module: nn.Module) -> bool:

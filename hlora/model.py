@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import replace
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -17,16 +18,19 @@ __all__ = [
     "inject",
     "unload",
     "adapter_layers",
+    "named_adapter_layers",
     "get_config",
     "set_task",
     "get_task",
     "task",
     "set_trainable",
+    "set_dropout",
     "trainable_parameters",
     "print_trainable_parameters",
     "merge",
     "unmerge",
     "find_targets",
+    "find_modules_to_save",
 ]
 
 Task = Union[None, str, Sequence, torch.Tensor]
@@ -93,7 +97,8 @@ def find_targets(model: nn.Module, config: HLoRAConfig) -> list:
     return targets
 
 
-def _find_modules_to_save(model: nn.Module, config: HLoRAConfig) -> list:
+def find_modules_to_save(model: nn.Module, config: HLoRAConfig) -> list:
+    """Module paths the config's ``modules_to_save`` names in ``model``; an error naming any that match nothing."""
     if not config.modules_to_save:
         return []
     found = [n for n, _ in model.named_modules() if n and _name_matches(n, config.modules_to_save)]
@@ -120,7 +125,7 @@ def inject(model: nn.Module, config: HLoRAConfig) -> nn.Module:
     if get_config(model) is not None:
         raise RuntimeError("model already has hlora plugins; use hlora.unload(model) first, or hlora.load to add weights")
     targets = find_targets(model, config)
-    _find_modules_to_save(model, config)  # validate before touching the model
+    find_modules_to_save(model, config)  # validate before touching the model
     layer_cls = LAYER_CLASSES[config.variant]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -134,7 +139,7 @@ def inject(model: nn.Module, config: HLoRAConfig) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Put the original base modules back (plugins dropped; a merged plugin stays in the weights)."""
-    for path, layer in list(_named_adapter_layers(model)):
+    for path, layer in list(named_adapter_layers(model)):
         _set_submodule(model, path, layer.base_layer)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
@@ -154,14 +159,16 @@ def _require_config(model: nn.Module) -> HLoRAConfig:
     return config
 
 
-def _named_adapter_layers(model: nn.Module) -> Iterator:
+def named_adapter_layers(model: nn.Module) -> Iterator:
+    """(module path, ``AdapterLayer``) for every adapted layer of ``model``, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module
 
 
 def adapter_layers(model: nn.Module) -> list:
-    return [m for _, m in _named_adapter_layers(model)]
+    """The ``AdapterLayer`` modules of ``model``, in module order."""
+    return [m for _, m in named_adapter_layers(model)]
 
 
 # ---- routing --------------------------------------------------------------------------------------
@@ -249,8 +256,25 @@ def set_trainable(model: nn.Module, plugins: Sequence[str] | None = None, module
             if name in layer.plugins:
                 layer.plugins[name].requires_grad_(True)
     if modules_to_save:
-        for path in _find_modules_to_save(model, config):
+        for path in find_modules_to_save(model, config):
             model.get_submodule(path).requires_grad_(True)
+
+
+def set_dropout(model: nn.Module, dropout: dict) -> None:
+    """Set each named plugin's dropout probability (``{plugin: p}``, p in [0, 1)) in the model's
+    config and in every adapter layer together, so ``hlora.save`` records what the layers use.
+    All names and values are checked before anything changes."""
+    config = _require_config(model)
+    updated = {}
+    for name, p in dropout.items():
+        if name not in config.plugins:
+            raise ValueError(f"unknown plugin {name!r}; this model's plugins are {config.plugin_names}")
+        updated[name] = replace(config.plugins[name], dropout=float(p))  # PluginConfig validates p
+    config.plugins.update(updated)
+    for layer in adapter_layers(model):
+        for name, cfg in updated.items():
+            if name in layer.plugins:
+                layer.plugins[name].dropout = cfg.dropout
 
 
 def trainable_parameters(model: nn.Module) -> dict:

@@ -217,13 +217,13 @@ def _broken(files, tmp_path, part, edit):
     "part, edit, message",
     [
         ("comp", lambda s: s.pop("base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"),
-         r"missing \(1\): plugin:model.layers.1.self_attn.o_proj.plugins.comp.B"),
+         r"missing keys \(1\): com:base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"),
         ("comp", lambda s: s.__setitem__("base_model.model.model.vision_tower.weight", torch.zeros(1)),
-         r"unknown keys \(1\): base_model.model.model.vision_tower.weight"),
+         r"unexpected keys \(1\): com:base_model.model.model.vision_tower.weight"),
         ("gen", lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", torch.zeros(3, 128)),
          r"shape mismatch .*down_proj.lora_A.weight: file \(3, 128\) vs model \(16, 128\)"),
         ("comp", lambda s: [s.__setitem__(k.replace("base_model.model.", "base_model."), s.pop(k)) for k in list(s)],
-         r"unknown keys \(\d+\): base_model.model.layers"),
+         r"unexpected keys \(\d+\): com:base_model.model.layers"),
         ("fusion", lambda s: s.__setitem__("base_model.model.model.embed_tokens.weight", torch.zeros(32064, 64)),
          r"embed_tokens.weight: file \(32064, 64\) vs model \(40206, 64\)"),
     ],
@@ -244,7 +244,7 @@ def test_gen_file_in_the_comp_slot_is_refused(source, target, tmp_path):
     before = _state(target)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         target.load_release_weights(com=paths["gen"])
-    with pytest.raises(CheckpointError, match="unknown keys"):
+    with pytest.raises(CheckpointError, match="unexpected keys"):
         target.load_release_weights(fusion=paths["comp"])
     (tmp_path / "junk.bin").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="cannot read"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import hlora
 from healthgpt.model.config import TINY_VQ, HealthGPTConfig
 from healthgpt.training import PRESETS, apply_stage, plan_stage
 from healthgpt.training.run import TrainError, train_stage
@@ -111,6 +112,7 @@ def test_separate_learning_rates_and_schedule(env, tmp_path, stage, task, rates)
     assert plan.dropout == ({"comp": 0.0, "gen": 0.0} if stage == 1 else {"comp": 0.05, "gen": 0.05})
     layer = next(m for m in model.llm.modules() if hasattr(m, "plugins"))
     assert layer.plugins["comp"].dropout == plan.dropout["comp"]
+    assert {t: c.dropout for t, c in hlora.get_config(model.llm).plugins.items()} == plan.dropout  # what hlora.save records
 
 
 def test_output_guards(env, tmp_path):

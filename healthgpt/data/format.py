@@ -41,7 +41,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from hlora.io import atomic_write
+from hlora.files import atomic_write
 
 from healthgpt.constants import IMAGE_PLACEHOLDER, TASKS
 

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 import torch
-from hlora.io import atomic_write
+from hlora.files import atomic_write
 
 from healthgpt.constants import FILE_DIGEST
 

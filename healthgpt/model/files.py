@@ -1,13 +1,13 @@
-"""Local checkpoint directories (nothing is downloaded) and atomic file writes."""
+"""Local checkpoint directories (nothing is downloaded)."""
 
 from __future__ import annotations
 
 import os
 import warnings
 
-from hlora.io import atomic_write  # noqa: F401  (re-exported for healthgpt modules)
+from transformers.utils import logging as hf_logging
 
-__all__ = ["require_hf_checkpoint", "from_pretrained_checked", "require_file", "atomic_write"]
+__all__ = ["require_hf_checkpoint", "from_pretrained_checked", "require_file"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -35,8 +35,6 @@ def from_pretrained_checked(cls, path: str, what: str, ignore_unexpected: tuple 
     """``cls.from_pretrained(path, local_files_only=True, **kwargs)`` that refuses a checkpoint with
     missing or mis-shaped weights (transformers would initialise them at random) and reports
     unexpected ones not starting with ``ignore_unexpected`` (e.g. a full CLIP's text half)."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would list the ignored keys too
     try:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from healthgpt.model.files import atomic_write
+from hlora.files import atomic_write
 
 __all__ = ["VQConfig", "VQTokenizer"]
 

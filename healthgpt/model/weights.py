@@ -18,12 +18,14 @@ model, read here with ``torch.load(weights_only=True)``)::
         .lora_A.weight [R, d_in] -> A    .lora_B.weight [d_out, R] -> B    .lora_route.weight [k, d_in] -> router
     base_model.model.model.mm_projector.{0,2}.{weight,bias}  -> the file's task projector
     base_model.model.model.embed_tokens.weight, base_model.model.lm_head.weight  (fusion file)
+
+Every load goes through ``hlora.copy_checked``: all keys, shapes and dtypes are checked before
+anything is copied.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 
@@ -31,13 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hlora
-from hlora import CheckpointError
+from hlora import CheckpointError, copy_checked
+from hlora.files import atomic_write
 from hlora.io import WEIGHTS_NAME as HLORA_WEIGHTS
 
-from healthgpt.model.files import atomic_write, require_file
+from healthgpt.model.files import require_file
 from healthgpt.model.config import CONFIG_NAME, HealthGPTConfig
 
-__all__ = ["save_model", "load_model", "load_release_weights", "release_to_ours", "CheckpointError"]
+__all__ = ["save_model", "load_model", "load_release_weights", "release_targets", "CheckpointError"]
 
 TOKENIZER_DIR = "tokenizer"
 PLUGINS_DIR = "plugins"
@@ -48,10 +51,7 @@ LLM_BASE_FILE = "llm_base.safetensors"
 VISION_FILE = "vision.safetensors"
 
 _RELEASE_PREFIX = "base_model.model."
-_RELEASE_PLUGIN_KEY = re.compile(
-    r"(model\.layers\.\d+\.(?:self_attn\.(?:qkv_proj|o_proj)|mlp\.(?:gate_up_proj|down_proj)))\.lora_(A|B|route)\.weight"
-)
-_RELEASE_PLUGIN_PARTS = {"A": "A", "B": "B", "route": "router"}
+_RELEASE_PLUGIN_PARTS = {"A": "lora_A", "B": "lora_B", "router": "lora_route"}  # ours -> the release's
 
 
 def _save_tensors(state: dict, path: str) -> None:
@@ -104,21 +104,6 @@ def save_model(model, directory: str | os.PathLike) -> str:
     return directory
 
 
-@torch.no_grad()
-def _copy_checked(targets: dict, tensors: dict, source: str) -> None:
-    """Copy ``tensors`` into ``targets`` (same keys, same shapes) or raise before copying anything."""
-    missing = sorted(set(targets) - set(tensors))
-    unexpected = sorted(set(tensors) - set(targets))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(targets[k].shape)}"
-              for k in sorted(set(targets) & set(tensors)) if tensors[k].shape != targets[k].shape]
-    problems = [f"{label} ({len(v)}): {_listing(v)}" for label, v in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if v]
-    if problems:
-        raise CheckpointError(f"cannot load {source}: " + " | ".join(problems))
-    for k, t in targets.items():
-        t.copy_(tensors[k].to(t.dtype))
-
-
 def load_model(cls, directory: str | os.PathLike, **overrides):
     """Build the model a ``save_model`` directory describes and load its weights."""
     directory = os.fspath(directory)
@@ -134,12 +119,12 @@ def load_model(cls, directory: str | os.PathLike, **overrides):
         require_file(os.path.join(directory, name), "HealthGPT weights file")
     model = cls(HealthGPTConfig.from_dict(data))
     if data["llm_path"] is None:
-        _copy_checked(_llm_base_state(model), load_file(os.path.join(directory, LLM_BASE_FILE)), LLM_BASE_FILE)
+        copy_checked(_llm_base_state(model), load_file(os.path.join(directory, LLM_BASE_FILE)), what=LLM_BASE_FILE)
     if data["vision_path"] is None:
-        _copy_checked(model.vision.state_dict(keep_vars=True), load_file(os.path.join(directory, VISION_FILE)), VISION_FILE)
+        copy_checked(model.vision.state_dict(keep_vars=True), load_file(os.path.join(directory, VISION_FILE)), what=VISION_FILE)
     projectors = {f"{t}.{k}": v for t, p in model.projectors.items() for k, v in p.state_dict(keep_vars=True).items()}
-    _copy_checked(projectors, load_file(os.path.join(directory, PROJECTORS_FILE)), PROJECTORS_FILE)
-    _copy_checked(_fusion_state(model), load_file(os.path.join(directory, FUSION_FILE)), FUSION_FILE)
+    copy_checked(projectors, load_file(os.path.join(directory, PROJECTORS_FILE)), what=PROJECTORS_FILE)
+    copy_checked(_fusion_state(model), load_file(os.path.join(directory, FUSION_FILE)), what=FUSION_FILE)
     hlora.load(model.llm, os.path.join(directory, PLUGINS_DIR))
     return model
 
@@ -147,26 +132,20 @@ def load_model(cls, directory: str | os.PathLike, **overrides):
 # ---- the public release ---------------------------------------------------------------------------
 
 
-def release_to_ours(key: str, task: str | None) -> tuple | None:
-    """A release key -> (part, our key): part ``plugin`` (key in ``hlora.plugin_state_dict``),
-    ``projector`` (key in ``projectors[task]``) or ``fusion``; ``None`` when the key is not one of the
-    documented ones. ``task`` is the file's plugin (``None`` for the fusion file)."""
-    if not key.startswith(_RELEASE_PREFIX):
-        return None
-    rest = key[len(_RELEASE_PREFIX):]
-    if rest == "model.embed_tokens.weight":
-        return "fusion", "embed_tokens.weight"
-    if rest == "lm_head.weight":
-        return "fusion", "lm_head.weight"
+def release_targets(model, task: str | None) -> dict:
+    """release key -> the tensor of ``model`` it loads into, for the release file of plugin ``task``
+    (its plugin and projector) or, with ``task=None``, the fusion file (module docstring)."""
     if task is None:
-        return None
-    m = _RELEASE_PLUGIN_KEY.fullmatch(rest)
-    if m:
-        return "plugin", f"{m.group(1)}.plugins.{task}.{_RELEASE_PLUGIN_PARTS[m.group(2)]}"
-    m = re.fullmatch(r"model\.mm_projector\.([02])\.(weight|bias)", rest)
-    if m:
-        return "projector", f"{m.group(1)}.{m.group(2)}"
-    return None
+        fusion = _fusion_state(model)
+        return {f"{_RELEASE_PREFIX}model.embed_tokens.weight": fusion["embed_tokens.weight"],
+                f"{_RELEASE_PREFIX}lm_head.weight": fusion["lm_head.weight"]}
+    targets = {}
+    for path, layer in hlora.named_adapter_layers(model.llm):
+        for ours, theirs in _RELEASE_PLUGIN_PARTS.items():
+            targets[f"{_RELEASE_PREFIX}{path}.{theirs}.weight"] = getattr(layer.plugins[task], ours)
+    for key, t in model.projectors[task].state_dict(keep_vars=True).items():
+        targets[f"{_RELEASE_PREFIX}model.mm_projector.{key}"] = t
+    return targets
 
 
 def _read_release(path: str) -> dict:
@@ -180,53 +159,20 @@ def _read_release(path: str) -> dict:
     return state
 
 
-@torch.no_grad()
 def load_release_weights(model, com: str | None = None, gen: str | None = None, fusion: str | None = None) -> None:
-    """Load release files into ``model``. Every file is read and every key and shape checked
-    before any value is copied: on any error (unknown, missing or mis-shaped keys, listed) the
-    model is unchanged. A plugin file must hold its whole plugin and projector, the fusion file
-    ``embed_tokens`` and ``lm_head``, and nothing else."""
-    jobs = [(p, task) for p, task in ((com, "comp"), (gen, "gen"), (fusion, None)) if p is not None]
+    """Load release files into ``model``. Every file is read and every key, shape and dtype checked
+    before any value is copied: on any error (missing, unexpected or mis-shaped keys, listed as
+    ``com:KEY``, ``gen:KEY``, ``fusion:KEY``) the model is unchanged. A plugin file must hold its
+    whole plugin and projector, the fusion file ``embed_tokens`` and ``lm_head``, and nothing else."""
+    jobs = [(label, p, task) for label, p, task in (("com", com, "comp"), ("gen", gen, "gen"), ("fusion", fusion, None))
+            if p is not None]
     if not jobs:
         raise ValueError("give at least one of com, gen, fusion")
-    copies, problems, fusion_state = [], [], None
-    for path, task in jobs:
-        state = _read_release(path)
-        fusion_state = state if task is None else fusion_state
-        if task is None:
-            targets = {("fusion", k): v for k, v in _fusion_state(model).items()}
-            expected_parts = "embed_tokens and lm_head"
-        else:
-            plugin = hlora.plugin_state_dict(model.llm, [task])
-            proj = model.projectors[task].state_dict(keep_vars=True)
-            targets = {**{("plugin", k): v for k, v in plugin.items()}, **{("projector", k): v for k, v in proj.items()}}
-            expected_parts = f"the {task} plugin (lora_A/lora_B/lora_route) and mm_projector"
-        mapped, unknown = {}, []
-        for key, value in state.items():
-            ours = release_to_ours(key, task)
-            if ours is None or ours not in targets:
-                unknown.append(key)
-            else:
-                mapped[ours] = (key, value)
-        missing = [f"{part}:{k}" for part, k in targets if (part, k) not in mapped]
-        shapes = [f"{src}: file {tuple(v.shape)} vs model {tuple(targets[ours].shape)}"
-                  for ours, (src, v) in mapped.items() if v.shape != targets[ours].shape]
-        for label, items in (("unknown keys", unknown), ("missing", missing), ("shape mismatch", shapes)):
-            if items:
-                problems.append(f"{os.path.basename(path)}: {label} ({len(items)}): {_listing(sorted(items))}")
-        if unknown or missing:
-            problems.append(f"{os.path.basename(path)} should hold exactly {expected_parts} under {_RELEASE_PREFIX!r}")
-        copies += [(targets[ours], v) for ours, (_, v) in mapped.items()]
-    emb, head = model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight
-    if head is emb and fusion_state is not None and not problems:
-        pair = (fusion_state[_RELEASE_PREFIX + "model.embed_tokens.weight"], fusion_state[_RELEASE_PREFIX + "lm_head.weight"])
-        if not torch.equal(*pair):
-            problems.append("the model ties embed_tokens and lm_head but the fusion file's two matrices differ")
-    if problems:
-        raise CheckpointError("release weights not loaded (model unchanged): " + " || ".join(problems))
-    for target, value in copies:
-        target.copy_(value.to(target.dtype))
-
-
-def _listing(items: list, most: int = 8) -> str:
-    return ", ".join(items[:most]) + (f" (+{len(items) - most} more)" if len(items) > most else "")
+    targets, tensors = {}, {}
+    for label, path, task in jobs:
+        targets.update({f"{label}:{k}": t for k, t in release_targets(model, task).items()})
+        tensors.update({f"{label}:{k}": t for k, t in _read_release(path).items()})
+    files = ", ".join(f"{label}={path}" for label, path, _ in jobs)
+    copy_checked(targets, tensors, what=f"release weights ({files}; model unchanged: a plugin file holds exactly its "
+                                        f"lora_A/lora_B/lora_route and mm_projector, the fusion file embed_tokens and "
+                                        f"lm_head, all under {_RELEASE_PREFIX!r})")

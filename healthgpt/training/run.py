@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from healthgpt.cli import subcommand
-from hlora.io import atomic_write
+from hlora.files import atomic_write
 
 __all__ = ["add_train_arguments", "run_train", "register", "train_stage", "StageResult", "TrainError", "STAGE_FILE"]
 

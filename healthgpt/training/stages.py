@@ -102,9 +102,6 @@ def apply_stage(model, plan: StagePlan) -> StagePlan:
     for t in ("comp", "gen"):
         hp = plan.hparams.get(t) or plan.hparams.get("mixed") or plan.main
         dropout[t] = float(hp.dropout)
-    for layer in hlora.adapter_layers(model.llm):
-        for t, plugin in layer.plugins.items():
-            if t in dropout:
-                plugin.dropout = dropout[t]
+    hlora.set_dropout(model.llm, dropout)  # the layers and the config hlora.save records
     plan.dropout = dropout
     return plan

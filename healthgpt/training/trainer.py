@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from hlora.io import atomic_write
+from hlora import copy_checked
+from hlora.files import atomic_write
 
 __all__ = ["HealthGPTTrainer", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
            "clean_staging"]
@@ -230,17 +231,8 @@ class HealthGPTTrainer(Trainer):
         model = self.model if model is None else model
         tensors = load_file(path)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        shapes = [n for n in set(params) & set(tensors) if tuple(params[n].shape) != tuple(tensors[n].shape)]
-        if missing or unexpected or shapes:
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint} does not fit this run's trainable parameters "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}): "
-                f"resume with the same --stage/--task and model as the run that wrote it"
-            )
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n].to(p.device, p.dtype))
+        copy_checked(params, tensors, what=f"checkpoint {resume_from_checkpoint} into this run's trainable parameters "
+                                           f"(resume with the same --stage/--task and model as the run that wrote it)")
 
 
 # ---- loss log and curve -----------------------------------------------------------------------------
