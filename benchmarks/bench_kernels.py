@@ -1,419 +1,460 @@
 #!/usr/bin/env python
-"""GPU check and benchmark of the fused H-LoRA kernels: ``python benchmarks/bench_kernels.py --out DIR``.
+"""Layer benchmark of the H-LoRA kernels against the frozen base and the baselines, as JSON.
 
-1. Correctness on the card against a float64 reference (bf16, fp16, fp32; decode-sized, odd and
-   training-sized shapes; mixed two-plugin routing with unrouted tokens; dropout reproducibility).
-2. fwd+bwd (and fwd) timings with ``triton.testing.do_bench`` at T=8192 tokens on HealthGPT-M3
-   (Phi-3-mini) projections, bf16, for the comprehension (R=64, k=4, alpha 128) and generation
-   (R=256, k=4, alpha 512) plugins. Providers: the frozen base linear (dX only), PEFT's LoRA of the
-   same total rank, a MoE-LoRA loop over experts, H-LoRA's torch path and the fused kernels.
-3. Expert sweep on o_proj at r=16 per expert (k = 2, 4, 8, 32); a 50/50 two-plugin batch against
-   single-plugin batches; activation memory each provider saves for its backward.
+``python benchmarks/bench_kernels.py [--out FILE] [--budget-s S]`` on a CUDA GPU (what
+``benchmarks/gpu_check.sh`` runs); ``--smoke`` on a CPU: tiny shapes, float32, the Triton kernels
+under ``TRITON_INTERPRET=1``, ``torch.compile`` with the eager backend, one timing run (CI checks
+the JSON and every provider's numbers through it; its timings mean nothing).
 
-Writes DIR/bench.csv (kernel, provider, mode, x, median_ms, p20_ms, p80_ms, gpu, version),
-DIR/correctness.csv and DIR/bench.md (tables with ratios to the base), and prints the markdown.
-Exits 1 if a correctness check fails, 2 without CUDA. Needs a GPU: the CPU tests of the same
-kernels are ``pytest tests/test_kernels.py``.
+What it times (fwd+bwd of one layer, ``triton.testing.do_bench`` medians, bf16, T = 8192 tokens as
+2 samples of 4096, the Phi-3-mini projections of ``roofline.PROJECTIONS``):
+
+1. GEMM rows: the Triton GEMM of ``hlora.kernels`` (``triton_gemm``) against ``F.linear``
+   (``cublas_gemm``) for y = x W0^T and dx = dy W0: the number that decides the strategy.
+2. Providers per projection: ``base`` (frozen F.linear, dx only), ``peft_lora`` (the peft library's
+   LoRA of the same total rank and scale), ``moelora_loop`` (hlora ``variant="moelora"``: k expert
+   pairs one by one), ``torch_compile`` (hlora's torch path under ``torch.compile(mode="max-autotune")``),
+   ``hlora_fused`` / ``hlora_cublas`` / ``hlora_auto`` (the kernels with ``HLORA_STRATEGY`` set; the
+   strategy the layer reports using is recorded when ``hlora.kernels`` exposes it).
+   Cases (``mix``): ``comp`` (R=64, k=4), ``gen`` (R=256, k=4), ``comp+gen 50/50`` (one sample each,
+   per-sample routing), ``sweep`` (R=64, k = 2..32).
+
+Before timing, every provider's output y and input gradient dx are checked against an independent
+float64 evaluation of its formula on the same weights (base: W0 x; PEFT: W0 x + s B A x; the others:
+the H-LoRA mixture); a row whose numbers disagree is marked ``FAILED`` and the exit status is 1.
+Rows past ``--budget-s`` seconds, and providers this machine cannot run, are ``skipped: <why>``.
+
+Output: ``{"device", "torch", "triton", "date", "smoke", "hlora", "strategies", "rows": [{"proj", "R",
+"k", "mix", "provider", "ms", "ratio_to_base", "p20_ms", "p80_ms", "status", "err_y", "err_dx",
+"strategy"}]}``; ``ratio_to_base`` divides by the projection's ``base`` row (GEMM rows: by
+``cublas_gemm`` of the same product). Default file: ``benchmarks/results/<date>-<gpu>.json``
+(``--out-dir`` changes the folder, ``--out`` names the file).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import datetime
+import importlib
+import json
 import os
+import re
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# --smoke runs the Triton kernels in the interpreter, which must be chosen before they are defined
+if "--smoke" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"
 
-T_BENCH = 8192
-LAYERS = {  # HealthGPT-M3 = Phi-3-mini projections (d_in, d_out)
-    "qkv_proj": (3072, 9216),
-    "o_proj": (3072, 3072),
-    "gate_up_proj": (3072, 16384),
-    "down_proj": (8192, 3072),
-}
-PLUGINS = {  # name: (total rank R, experts k, alpha); scale = alpha / (R / k)
-    "comp": (64, 4, 128),
-    "gen": (256, 4, 512),
-}
-TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
-DEV = "cuda"
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
+from roofline import COMP, GEN, KS, PROJECTIONS  # noqa: E402
+
+import hlora  # noqa: E402
+from hlora.config import PluginConfig  # noqa: E402
+from hlora.layer import HLoRALinear, MoELoRALinear  # noqa: E402
+from hlora.routing import Routing  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROVIDERS = ("base", "peft_lora", "moelora_loop", "torch_compile", "hlora_fused", "hlora_cublas", "hlora_auto")
+GEMM_PROVIDERS = ("triton_gemm", "cublas_gemm")
+HLORA_STRATEGY = {"hlora_fused": "fused", "hlora_cublas": "cublas", "hlora_auto": "auto"}
+ALPHA_PER_RANK = 2.0  # alpha = 2 r: scale 2 for every plugin, as HealthGPT's configs
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # max |err| / max |ref|
+
+
+class Skip(Exception):
+    """A provider this run cannot time; the message says why."""
 
 
 @contextlib.contextmanager
-def hlora_backend(name):
-    old = os.environ.get("HLORA_BACKEND")
-    os.environ["HLORA_BACKEND"] = name
+def env(**values):
+    """Set (or with None, unset) environment variables for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("HLORA_BACKEND", None)
-        else:
-            os.environ["HLORA_BACKEND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. correctness against float64
+# one case: shared weights, the float64 reference
 # ----------------------------------------------------------------------------------------------
 
 
-def reference(x, W, b, A, B, router, ranks, experts, scales, tp):
-    """The H-LoRA formula in float64, written out independently of the package."""
-    T = x.shape[0]
-    y = x @ W.t() + (b if b is not None else 0)
-    r0 = k0 = 0
-    for q, (R_q, k_q, s_q) in enumerate(zip(ranks, experts, scales)):
-        z = x @ router[k0 : k0 + k_q].t()
-        z = z - z.max(dim=1, keepdim=True).values.detach()
-        g = torch.softmax(torch.where(z < -60, torch.full_like(z, float("-inf")), z), dim=1)
-        routed = (tp == q) if tp is not None else torch.full((T,), q == 0, device=x.device)
-        g = g * routed[:, None].to(g.dtype)
-        u = s_q * (x @ A[r0 : r0 + R_q].t())
-        y = y + (u.view(T, k_q, -1) * g[:, :, None]).reshape(T, R_q) @ B[:, r0 : r0 + R_q].t()
-        r0, k0 = r0 + R_q, k0 + k_q
-    return y
+class Case:
+    """One projection and plugin mix: W0 [N, D], the stacked A [R, D], B [N, R], router [K, D],
+    inputs x [2, T/2, D] and upstream gradient dy; ``per_sample`` [2] plugin index per sample or None."""
 
+    def __init__(self, proj, D, N, T, plugins, mix, dtype, device, seed=0):
+        self.proj, self.D, self.N, self.T, self.mix, self.dtype = proj, D, N, T, mix, dtype
+        self.plugins = tuple(plugins)  # (rank, experts) per plugin
+        self.per_sample = torch.tensor([0, 1]) if len(plugins) > 1 else None
+        self.ranks = tuple(r for r, _ in plugins)
+        self.experts = tuple(k for _, k in plugins)
+        self.scales = tuple(ALPHA_PER_RANK for _ in plugins)  # alpha / r
+        gen = torch.Generator(device=device).manual_seed(seed)
 
-def make_adapter(D, N, ranks, experts, dtype, device, gen, bias=False):
-    R, K = sum(ranks), sum(experts)
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+        R, K = sum(self.ranks), sum(self.experts)
+        self.W = rnd(N, D, scale=D**-0.5)
+        self.A = rnd(R, D, scale=D**-0.5) if R else None
+        self.B = rnd(N, R, scale=R**-0.5) if R else None
+        self.router = rnd(K, D, scale=2 * D**-0.5) if R else None
+        self.x = rnd(2, T // 2, D)
+        self.dy = rnd(2, T // 2, N)
+        self._ref = {}
 
-    return dict(W=rnd(N, D, scale=D**-0.5), b=rnd(N) if bias else None, A=rnd(R, D, scale=D**-0.5),
-                B=rnd(N, R, scale=R**-0.5), router=rnd(K, D, scale=2 * D**-0.5))
+    @property
+    def R(self):
+        return sum(self.ranks)
 
+    @property
+    def k(self):
+        return sum(self.experts)
 
-def check_case(name, T, D, N, ranks, experts, dtype, routed, rows, bias=False):
-    from hlora.functional import hlora_linear
+    def token_plugin(self):
+        if self.per_sample is None:
+            return None
+        return self.per_sample.to(self.x.device).repeat_interleave(self.T // 2)
 
-    dev = DEV
-    gen = torch.Generator(device=dev).manual_seed(0)
-    p = make_adapter(D, N, ranks, experts, dtype, dev, gen, bias)
-    scales = tuple(2.0 + q for q in range(len(ranks)))
-    x = torch.randn(T, D, generator=gen, device=dev).to(dtype)
-    tp = torch.randint(-1, len(ranks), (T,), generator=gen, device=dev) if routed else None
-    w = torch.randn(T, N, generator=gen, device=dev)
-
-    leaves = {k: v.clone().requires_grad_() for k, v in (("x", x), ("A", p["A"]), ("B", p["B"]), ("router", p["router"]))}
-    with hlora_backend("triton"):
-        y = hlora_linear(leaves["x"], p["W"], p["b"], leaves["A"], leaves["B"], leaves["router"], ranks, experts, scales, tp)
-        (y.float() * w).sum().backward()
-        ok_base = True
-        if tp is not None:
-            with torch.no_grad():
-                y_base = hlora_linear(x, p["W"], p["b"], p["A"], p["B"], p["router"], ranks, experts, scales,
-                                      torch.full_like(tp, -1))
-            ok_base = bool(torch.equal(y[tp == -1], y_base[tp == -1]))
-    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-    y_ref = reference(ref_leaves["x"], p["W"].double(), p["b"].double() if p["b"] is not None else None,
-                      ref_leaves["A"], ref_leaves["B"], ref_leaves["router"], ranks, experts, scales, tp)
-    (y_ref * w.double()).sum().backward()
-
-    ok_all = ok_base
-    for what, got, want in [("y", y.detach(), y_ref.detach())] + [
-        (f"d{k}", leaves[k].grad, ref_leaves[k].grad) for k in ("x", "A", "B", "router")
-    ]:
-        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-        if not torch.isfinite(got).all():
-            err = float("inf")
-        tol = TOL[dtype] * (1 if what == "y" else 2)
-        ok = err <= tol
-        ok_all &= ok
-        rows.append(dict(case=name, dtype=str(dtype).split(".")[-1], tensor=what, max_rel_err=f"{err:.2e}", tol=tol, ok=ok))
-    if tp is not None:
-        rows.append(dict(case=name, dtype=str(dtype).split(".")[-1], tensor="unrouted rows == base", max_rel_err="",
-                         tol="exact", ok=ok_base))
-    return ok_all
-
-
-def check_dropout(rows):
-    from hlora.functional import hlora_linear
-
-    gen = torch.Generator(device=DEV).manual_seed(1)
-    p = make_adapter(512, 384, (64,), (4,), torch.bfloat16, DEV, gen)
-    x = torch.randn(1024, 512, generator=gen, device=DEV).to(torch.bfloat16)
-    args = (x, p["W"], None, p["A"], p["B"], p["router"], (64,), (4,), (8.0,), None)
-    with hlora_backend("triton"), torch.no_grad():
-        torch.manual_seed(3)
-        y1 = hlora_linear(*args, 0.1, True)
-        torch.manual_seed(3)
-        y2 = hlora_linear(*args, 0.1, True)
-        y3 = hlora_linear(*args, 0.1, True)
-        y0 = hlora_linear(*args, 0.1, False)
-    ok = bool(torch.equal(y1, y2)) and not torch.equal(y1, y3) and not torch.equal(y1, y0)
-    rows.append(dict(case="dropout seeded by torch.manual_seed", dtype="bfloat16", tensor="y", max_rel_err="",
-                     tol="exact", ok=ok))
-    return ok
-
-
-def correctness():
-    rows, ok = [], True
-    comp_gen = ((64, 256), (4, 4))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ok &= check_case("decode T=1 3072->9216 comp", 1, 3072, 9216, (64,), (4,), dtype, False, rows)
-        ok &= check_case("odd T=333 1000->777 comp+gen mixed, bias", 333, 1000, 777, *comp_gen, dtype, True, rows, bias=True)
-    # training-sized: the autotuned tiles
-    ok &= check_case("o_proj T=8192 comp+gen mixed", T_BENCH, 3072, 3072, *comp_gen, torch.bfloat16, True, rows)
-    ok &= check_case("down_proj T=8192 gen", T_BENCH, 8192, 3072, (256,), (4,), torch.bfloat16, False, rows)
-    ok &= check_dropout(rows)
-    return rows, ok
+    def reference(self, formula):
+        """(y, dx) in float64 for ``formula`` in base / lora / hlora, written out independently."""
+        if formula not in self._ref:
+            x = self.x.double().reshape(self.T, self.D).requires_grad_()
+            y = x @ self.W.double().t()
+            if formula == "lora":
+                (R, k), s = self.plugins[0], self.scales[0]
+                y = y + s * (x @ self.A.double().t()) @ self.B.double().t()
+            elif formula == "hlora":
+                tp, r0, k0 = self.token_plugin(), 0, 0
+                for q, (R_q, k_q) in enumerate(self.plugins):
+                    z = x @ self.router[k0 : k0 + k_q].double().t()
+                    z = z - z.max(dim=1, keepdim=True).values.detach()
+                    g = torch.softmax(torch.where(z < -60, torch.full_like(z, float("-inf")), z), dim=1)
+                    if tp is not None:
+                        g = g * (tp == q)[:, None].double()
+                    u = self.scales[q] * (x @ self.A[r0 : r0 + R_q].double().t())
+                    h = (u.view(self.T, k_q, R_q // k_q) * g[:, :, None]).reshape(self.T, R_q)
+                    y = y + h @ self.B[:, r0 : r0 + R_q].double().t()
+                    r0, k0 = r0 + R_q, k0 + k_q
+            (dx,) = torch.autograd.grad(y, x, self.dy.double().reshape(self.T, self.N))
+            self._ref[formula] = (y.detach(), dx)
+        return self._ref[formula]
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. providers: each returns (forward function of x, trainable tensors besides x, [label])
+# providers: each returns (forward of x, trainable tensors besides x, formula, reported strategy)
 # ----------------------------------------------------------------------------------------------
 
 
-def provider_base(W, **_):
-    return (lambda x: F.linear(x, W)), []
+def _base_linear(c: Case) -> nn.Linear:
+    base = nn.Linear(c.D, c.N, bias=False, device=c.W.device, dtype=c.dtype)
+    with torch.no_grad():
+        base.weight.copy_(c.W)
+    base.weight.requires_grad_(False)
+    return base
 
 
-def provider_peft(W, R, k, alpha, gen, **_):
-    from peft import LoraConfig
+def provider_base(c: Case, smoke: bool):
+    return (lambda x: F.linear(x, c.W)), [], "base"
+
+
+def provider_peft(c: Case, smoke: bool):
+    if len(c.plugins) > 1:
+        raise Skip("PEFT trains one adapter per batch (its adapter_names mixed batches are inference-only)")
+    from peft import LoraConfig  # optional: only this provider needs peft
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    N, D = W.shape
-    base = torch.nn.Linear(D, N, bias=False, device=W.device, dtype=W.dtype)
-    base.weight.data.copy_(W)
-    base.weight.requires_grad_(False)
-    lora_alpha = alpha / k  # PEFT's scale alpha / R equals H-LoRA's alpha / r for the same total rank
-    cfg = LoraConfig(r=R, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=["x"])
-    layer = LoraLinear(base, "default", config=cfg, r=R, lora_alpha=lora_alpha, lora_dropout=0.0)
-    layer.to(device=W.device, dtype=W.dtype)
+    R, s = c.R, c.scales[0]
+    cfg = LoraConfig(r=R, lora_alpha=s * R, lora_dropout=0.0, target_modules=["x"])
+    layer = LoraLinear(_base_linear(c), "default", config=cfg, r=R, lora_alpha=s * R, lora_dropout=0.0)
+    layer.to(device=c.W.device, dtype=c.dtype)
     with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, R**-0.5, generator=gen)
-    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        layer.lora_A["default"].weight.copy_(c.A)
+        layer.lora_B["default"].weight.copy_(c.B)
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight], "lora"
 
 
-def _adapter(W, R, k, gen):
-    N, D = W.shape
-    dev, dt = W.device, W.dtype
-    A = (torch.randn(R, D, generator=gen, device=dev) * D**-0.5).to(dt).requires_grad_()
-    B = (torch.randn(N, R, generator=gen, device=dev) * R**-0.5).to(dt).requires_grad_()
-    router = (torch.randn(k, D, generator=gen, device=dev) * D**-0.5).to(dt).requires_grad_()
-    return A, B, router
+def _adapter_layer(cls, c: Case):
+    """hlora's own layer class around a real nn.Linear, plugins filled with the case's weights."""
+    names = [f"p{q}" for q in range(len(c.plugins))]
+    plugins = {n: PluginConfig(R, k, ALPHA_PER_RANK * R // k) for n, (R, k) in zip(names, c.plugins)}
+    layer = cls(_base_linear(c), plugins, names)
+    layer.train()
+    r0 = k0 = 0
+    with torch.no_grad():
+        for n, (R, k) in zip(names, c.plugins):
+            p = layer.plugins[n]
+            p.router.copy_(c.router[k0 : k0 + k])
+            if cls is MoELoRALinear:
+                r = R // k
+                for i, e in enumerate(p.experts):
+                    e.A.copy_(c.A[r0 + i * r : r0 + (i + 1) * r])
+                    e.B.copy_(c.B[:, r0 + i * r : r0 + (i + 1) * r])
+            else:
+                p.A.copy_(c.A[r0 : r0 + R])
+                p.B.copy_(c.B[:, r0 : r0 + R])
+            r0, k0 = r0 + R, k0 + k
+    layer.set_routing(Routing(tuple(range(len(names))), c.per_sample) if c.per_sample is not None else 0)
+    return layer, [p for p in layer.parameters() if p.requires_grad]
 
 
-def provider_moelora(W, R, k, alpha, gen, **_):
-    """MoE-LoRA as public implementations write it: a Python loop over k expert LoRA pairs."""
-    A, B, router = _adapter(W, R, k, gen)
-    r, s = R // k, alpha / (R // k)
-    As, Bs = list(A.detach().split(r)), list(B.detach().split(r, dim=1))
-    As = [a.clone().requires_grad_() for a in As]
-    Bs = [b.contiguous().requires_grad_() for b in Bs]
-
-    def fwd(x):
-        y = F.linear(x, W)
-        g = torch.softmax(F.linear(x, router).float(), dim=-1).to(x.dtype)
-        for i in range(k):
-            y = y + (s * g[:, i : i + 1]) * F.linear(F.linear(x, As[i]), Bs[i])
-        return y
-
-    return fwd, As + Bs + [router]
+def provider_moelora(c: Case, smoke: bool):
+    layer, params = _adapter_layer(MoELoRALinear, c)
+    return layer, params, "hlora"
 
 
-def provider_hlora(W, R, k, alpha, gen, plugins=None, tp=None, **_):
-    """hlora.functional.hlora_linear; the backend (torch or triton) is chosen around the timing."""
-    from hlora.functional import hlora_linear
-
-    plugins = plugins or [(R, k, alpha)]
-    ranks = tuple(p[0] for p in plugins)
-    experts = tuple(p[1] for p in plugins)
-    scales = tuple(p[2] / (p[0] // p[1]) for p in plugins)
-    A, B, router = _adapter(W, sum(ranks), sum(experts), gen)
-
-    def fwd(x):
-        return hlora_linear(x, W, None, A, B, router, ranks, experts, scales, tp, 0.0, True)
-
-    return fwd, [A, B, router]
+def provider_torch_compile(c: Case, smoke: bool):
+    layer, params = _adapter_layer(HLoRALinear, c)
+    # smoke: the eager backend checks the wiring in seconds (max-autotune compiles for minutes on a CPU)
+    compiled = torch.compile(layer, backend="eager") if smoke else torch.compile(layer, mode="max-autotune")
+    return compiled, params, "hlora"
 
 
-PROVIDERS = {
-    "base": (provider_base, None),
-    "peft_lora": (provider_peft, None),
-    "moelora_loop": (provider_moelora, None),
-    "hlora_torch": (provider_hlora, "torch"),
-    "hlora_fused": (provider_hlora, "triton"),
+def provider_hlora(c: Case, smoke: bool):
+    layer, params = _adapter_layer(HLoRALinear, c)
+    return layer, params, "hlora"
+
+
+BUILDERS = {
+    "base": provider_base,
+    "peft_lora": provider_peft,
+    "moelora_loop": provider_moelora,
+    "torch_compile": provider_torch_compile,
+    "hlora_fused": provider_hlora,
+    "hlora_cublas": provider_hlora,
+    "hlora_auto": provider_hlora,
 }
 
 
-def time_provider(name, W, x, dy, modes=("fwd+bwd", "fwd"), memory=False, **kw):
+def provider_env(provider: str) -> dict:
+    """Environment a provider runs under: the torch path for torch.compile, the kernels (and
+    HLORA_STRATEGY) for hlora_*, the default elsewhere."""
+    if provider == "torch_compile":
+        return dict(HLORA_BACKEND="torch", HLORA_STRATEGY=None)
+    if provider in HLORA_STRATEGY:
+        return dict(HLORA_BACKEND="triton", HLORA_STRATEGY=HLORA_STRATEGY[provider])
+    return dict(HLORA_BACKEND=None, HLORA_STRATEGY=None)
+
+
+def _fused_linear():
+    """The kernels' Triton module (importing it defines the kernels: after TRITON_INTERPRET is settled)."""
+    return importlib.import_module("hlora.kernels.fused_linear")
+
+
+def kernel_strategies():
+    """The strategies the kernels offer (``fused_linear.STRATEGIES``), or None if they have no switch."""
+    found = getattr(_fused_linear(), "STRATEGIES", None)
+    return tuple(found) if found else None
+
+
+def reported_strategy():
+    """The strategy the kernels say their last call used (``fused_linear.last_strategy()``), if exposed."""
+    fn = getattr(_fused_linear(), "last_strategy", None)
+    return fn() if callable(fn) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# timing and checking
+# ----------------------------------------------------------------------------------------------
+
+
+def timed(fn, smoke: bool = False):
+    """(median, p20, p80) ms: do_bench on a GPU; one wall-clock run in smoke mode (meaningless)."""
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
     import triton
 
-    make, backend = PROVIDERS[name]
-    gen = torch.Generator(device=W.device).manual_seed(0)
-    fwd, params = make(W, gen=gen, **kw)
-    inputs = [x] + list(params)
-    out = {}
-    with hlora_backend(backend or "torch"):
-        for mode in modes:
-            if mode == "fwd":
-                def step():
-                    with torch.no_grad():
-                        fwd(x)
-            else:
-                def step():
-                    torch.autograd.grad(fwd(x), inputs, dy)
-            step()  # compile / autotune outside the timing
-            torch.cuda.synchronize()
-            out[mode] = triton.testing.do_bench(step, warmup=25, rep=150, quantiles=[0.5, 0.2, 0.8])
-        if memory:
-            torch.cuda.synchronize()
-            m0 = torch.cuda.memory_allocated()
+    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|; inf if got holds NaN or inf."""
+    got = got.double().reshape(want.shape)
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def run_provider(provider: str, c: Case, smoke: bool) -> dict:
+    """Build, check against float64, time fwd+bwd: the row's measured fields."""
+    with env(**provider_env(provider)):
+        if provider == "hlora_cublas" and "cublas" not in (kernel_strategies() or ()):
+            raise Skip("this hlora.kernels has no cuBLAS-base strategy (no fused_linear.STRATEGIES)")
+        fwd, params, formula = BUILDERS[provider](c, smoke)
+        x = c.x.clone().requires_grad_()
+        inputs = [x] + list(params)
+
+        def step():
             y = fwd(x)
+            return y, torch.autograd.grad(y, inputs, c.dy)
+
+        t0 = time.perf_counter()
+        y, grads = step()  # also the warm-up: tuning / compiling happen here, outside do_bench
+        first_ms = (time.perf_counter() - t0) * 1e3
+        strategy = reported_strategy() if provider in HLORA_STRATEGY else None
+        y_ref, dx_ref = c.reference(formula)
+        err_y, err_dx = rel_err(y.detach(), y_ref), rel_err(grads[0], dx_ref)
+        tol = TOL[c.dtype]
+        status = "ok" if err_y <= tol and err_dx <= 2 * tol else f"FAILED: error above {tol:g} (y) / {2 * tol:g} (dx)"
+        del y, grads
+        if smoke:  # one interpreted call is slow enough: its wall time stands in (meaningless anyway)
+            ms = p20 = p80 = first_ms
+        else:
             torch.cuda.synchronize()
-            saved = torch.cuda.memory_allocated() - m0 - y.numel() * y.element_size()
-            out["saved_MiB"] = saved / 2**20
-            del y
+            ms, p20, p80 = timed(step)
+    return dict(ms=ms, p20_ms=p20, p80_ms=p80, status=status, err_y=err_y, err_dx=err_dx, strategy=strategy)
+
+
+def triton_gemm(a, b):
+    """a @ b^T through the kernels' GEMM, in a's dtype."""
+    out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    try:
+        _fused_linear().gemm("base_gemm", out, a, b, tokens=a.shape[0], dot_dtype=a.dtype)
+    except TypeError as e:  # the signature changed under us: say so rather than time something else
+        raise Skip(f"hlora.kernels.fused_linear.gemm has a new signature ({e})") from None
     return out
 
 
+def run_gemm(provider: str, op: str, c: Case, smoke: bool) -> dict:
+    a = c.x.reshape(c.T, c.D) if op == "y" else c.dy.reshape(c.T, c.N)
+    b = c.W if op == "y" else c.W.t()
+    fn = (lambda: triton_gemm(a, b)) if provider == "triton_gemm" else (lambda: F.linear(a, b))
+    want = a.double() @ b.double().t()
+    err = rel_err(fn(), want)
+    tol = TOL[c.dtype]
+    ms, p20, p80 = timed(fn, smoke)
+    status = "ok" if err <= tol else f"FAILED: error above {tol:g}"
+    return dict(ms=ms, p20_ms=p20, p80_ms=p80, status=status, err_y=err, err_dx=None, strategy=None)
+
+
 # ----------------------------------------------------------------------------------------------
-# 3. the benchmark sections
+# the run
 # ----------------------------------------------------------------------------------------------
 
 
-def benchmarks(quick, gpu, version, rows, md):
-    dev, dt = DEV, torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def record(kernel, provider, mode, x, res):
-        if mode == "saved_MiB":
-            rows.append(dict(kernel=kernel, provider=provider, mode=mode, x=x, median_ms=f"{res:.2f}", p20_ms="",
-                             p80_ms="", gpu=gpu, version=version))
-        else:
-            rows.append(dict(kernel=kernel, provider=provider, mode=mode, x=x, median_ms=f"{res[0]:.4f}",
-                             p20_ms=f"{res[1]:.4f}", p80_ms=f"{res[2]:.4f}", gpu=gpu, version=version))
-
-    layers = {"o_proj": LAYERS["o_proj"]} if quick else LAYERS
-    main = {}
-    for lname, (D, N) in layers.items():
-        W = (torch.randn(N, D, generator=gen, device=dev) * D**-0.5).to(dt)
-        x = torch.randn(T_BENCH, D, generator=gen, device=dev).to(dt).requires_grad_()
-        dy = torch.randn(T_BENCH, N, generator=gen, device=dev).to(dt)
-        for pname, (R, k, alpha) in PLUGINS.items():
-            kernel = f"{lname} {D}->{N} {pname} R={R} k={k}"
-            for prov in PROVIDERS:
-                t0 = time.time()
-                res = time_provider(prov, W, x, dy, memory=True, R=R, k=k, alpha=alpha)
-                for mode in ("fwd+bwd", "fwd", "saved_MiB"):
-                    record(kernel, prov, mode, T_BENCH, res[mode])
-                main[(lname, pname, prov)] = res
-                print(f"  {kernel:45s} {prov:13s} fwd+bwd {res['fwd+bwd'][0]:.3f} ms  fwd {res['fwd'][0]:.3f} ms"
-                      f"  saved {res['saved_MiB']:.1f} MiB  ({time.time() - t0:.1f}s)", flush=True)
-        del W, x, dy
-
-    provs = list(PROVIDERS)
-    for mode in ("fwd+bwd", "fwd"):
-        md.append(f"\n### {mode} at T={T_BENCH}, bf16: base ms and ratios to the base ({gpu})\n")
-        md.append("| layer | plugin | base ms | " + " | ".join(provs[1:]) + " |")
-        md.append("|---|---|---|" + "---|" * (len(provs) - 1))
-        for lname in layers:
-            for pname in PLUGINS:
-                base = main[(lname, pname, "base")][mode][0]
-                ratios = " | ".join(f"{main[(lname, pname, p)][mode][0] / base:.2f}" for p in provs[1:])
-                md.append(f"| {lname} | {pname} | {base:.3f} | {ratios} |")
-    md.append(f"\n### activation memory saved for backward per layer (MiB, T={T_BENCH}, bf16)\n")
-    md.append("| layer | plugin | " + " | ".join(provs) + " |")
-    md.append("|---|---|" + "---|" * len(provs))
-    for lname in layers:
-        for pname in PLUGINS:
-            md.append(f"| {lname} | {pname} | " + " | ".join(f"{main[(lname, pname, p)]['saved_MiB']:.1f}" for p in provs) + " |")
-
-    # expert sweep on o_proj, r = 16 per expert
-    D, N = LAYERS["o_proj"]
-    W = (torch.randn(N, D, generator=gen, device=dev) * D**-0.5).to(dt)
-    x = torch.randn(T_BENCH, D, generator=gen, device=dev).to(dt).requires_grad_()
-    dy = torch.randn(T_BENCH, N, generator=gen, device=dev).to(dt)
-    ks = (2, 4, 8) if quick else (2, 4, 8, 32)
-    sweep = {}
-    for k in ks:
-        R, alpha = 16 * k, 32  # alpha / r = 2
-        for prov in PROVIDERS:
-            res = time_provider(prov, W, x, dy, modes=("fwd+bwd",), R=R, k=k, alpha=alpha)
-            record(f"o_proj sweep r=16 R={R}", prov, "fwd+bwd", k, res["fwd+bwd"])
-            sweep[(k, prov)] = res["fwd+bwd"][0]
-        print(f"  sweep k={k}: " + ", ".join(f"{p} {sweep[(k, p)]:.3f}" for p in PROVIDERS), flush=True)
-    md.append("\n### expert sweep, o_proj, r=16 per expert, fwd+bwd: ratios to PEFT LoRA of the same total rank\n")
-    md.append("| k | R | LoRA ms | MoE-LoRA loop | H-LoRA torch | H-LoRA fused | fused / base |")
-    md.append("|---|---|---|---|---|---|---|")
-    for k in ks:
-        lora = sweep[(k, "peft_lora")]
-        md.append(f"| {k} | {16 * k} | {lora:.3f} | {sweep[(k, 'moelora_loop')] / lora:.2f} | "
-                  f"{sweep[(k, 'hlora_torch')] / lora:.2f} | {sweep[(k, 'hlora_fused')] / lora:.2f} | "
-                  f"{sweep[(k, 'hlora_fused')] / sweep[(k, 'base')]:.2f} |")
-
-    # a 50/50 batch of the two plugins against single-plugin batches
-    both = [PLUGINS["comp"], PLUGINS["gen"]]
-    tp = torch.cat([torch.zeros(T_BENCH // 2), torch.ones(T_BENCH - T_BENCH // 2)]).to(dev, torch.int64)
-    mixed = {}
-    base_ms = None
-    for label, kw in [("base", None), ("comp only", dict(plugins=[both[0]])), ("gen only", dict(plugins=[both[1]])),
-                      ("50/50 comp+gen", dict(plugins=both, tp=tp))]:
-        for prov in (("base",) if kw is None else ("hlora_torch", "hlora_fused")):
-            res = time_provider(prov, W, x, dy, modes=("fwd+bwd",), R=64, k=4, alpha=128, **(kw or {}))
-            record(f"o_proj mixed batch: {label}", prov, "fwd+bwd", T_BENCH, res["fwd+bwd"])
-            mixed[(label, prov)] = res["fwd+bwd"][0]
-            if prov == "base":
-                base_ms = res["fwd+bwd"][0]
-    md.append(f"\n### o_proj, one batch of {T_BENCH} tokens: two plugins routed 50/50 against one plugin (fwd+bwd)\n")
-    md.append("| batch | H-LoRA torch ms (x base) | H-LoRA fused ms (x base) |")
-    md.append("|---|---|---|")
-    for label in ("comp only", "gen only", "50/50 comp+gen"):
-        t, f = mixed[(label, "hlora_torch")], mixed[(label, "hlora_fused")]
-        md.append(f"| {label} | {t:.3f} ({t / base_ms:.2f}) | {f:.3f} ({f / base_ms:.2f}) |")
+def settings(smoke: bool) -> dict:
+    if smoke:  # odd sizes, 2 samples of 5 tokens, float32 on the CPU; the fewest cases that reach every code path
+        return dict(T=10, dtype=torch.float32, device="cpu", projections={"qkv_proj": (24, 40)},
+                    comp=(16, 4), gen=(32, 4), singles=("comp",), sweep_rank=32, ks=(2, 32))
+    return dict(T=8192, dtype=torch.bfloat16, device="cuda", projections=dict(PROJECTIONS),
+                comp=(COMP.rank, COMP.experts), gen=(GEN.rank, GEN.experts), singles=("comp", "gen"),
+                sweep_rank=COMP.rank, ks=KS)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="output folder")
-    ap.add_argument("--quick", action="store_true", help="o_proj only, k up to 8")
-    ap.add_argument("--skip-correctness", action="store_true")
-    ap.add_argument("--skip-bench", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False). "
-              "On a CPU run the interpreter tests instead: pytest tests/test_kernels.py", file=sys.stderr)
-        return 2
+def schedule(cfg: dict):
+    """(section, proj, plugins, mix, providers) in priority order: a short budget cuts the end."""
+    comp, gen = cfg["comp"], cfg["gen"]
+    singles = [((cfg[name],), name) for name in cfg["singles"]]
+    kernels = ("hlora_fused", "hlora_cublas", "hlora_auto")
+    for proj in cfg["projections"]:
+        yield "gemm", proj, (), "gemm", GEMM_PROVIDERS
+    for proj in cfg["projections"]:
+        yield "base", proj, (), "base", ("base",)
+        for plugins, mix in singles:
+            yield "main", proj, plugins, mix, ("peft_lora", "moelora_loop") + kernels
+    for proj in cfg["projections"]:
+        yield "mixed", proj, (comp, gen), "comp+gen 50/50", ("moelora_loop",) + kernels
+    for proj in cfg["projections"]:
+        for k in cfg["ks"]:
+            yield "sweep", proj, ((cfg["sweep_rank"], k),), "sweep", ("moelora_loop",) + kernels
+    for proj in cfg["projections"]:
+        for plugins, mix in singles + [((comp, gen), "comp+gen 50/50")]:
+            yield "compile", proj, plugins, mix, ("torch_compile",)
+
+
+def run(smoke: bool, budget_s: float, log=print) -> dict:
+    cfg = settings(smoke)
+    t_start = time.time()
+    rows, base_ms, cublas_ms = [], {}, {}
+    for section, proj, plugins, mix, providers in schedule(cfg):
+        D, N = cfg["projections"][proj]
+        c = Case(proj, D, N, cfg["T"], plugins, mix, cfg["dtype"], cfg["device"])
+        ops = ("y", "dx") if section == "gemm" else (None,)
+        for op in ops:
+            for provider in providers:
+                row = dict(proj=proj, R=c.R, k=c.k, mix=f"gemm {op}" if op else mix, provider=provider,
+                           ms=None, ratio_to_base=None, p20_ms=None, p80_ms=None, status="",
+                           err_y=None, err_dx=None, strategy=None)
+                # a max-autotune compile alone can take a minute: start one only with that much left
+                if time.time() - t_start > budget_s - (90 if provider == "torch_compile" and not smoke else 0):
+                    row["status"] = f"skipped: time budget of {budget_s:.0f}s spent"
+                else:
+                    try:
+                        row.update(run_gemm(provider, op, c, smoke) if op else run_provider(provider, c, smoke))
+                    except Skip as e:
+                        row["status"] = f"skipped: {e}"
+                if row["ms"] is not None:
+                    if op:
+                        if provider == "cublas_gemm":
+                            cublas_ms[(proj, op)] = row["ms"]
+                        ref = cublas_ms.get((proj, op))
+                    else:
+                        if provider == "base":
+                            base_ms[proj] = row["ms"]
+                        ref = base_ms.get(proj)
+                    row["ratio_to_base"] = row["ms"] / ref if ref else None
+                rows.append(row)
+                log(f"{proj:13s} {row['mix']:15s} R={row['R']:<4d} k={row['k']:<3d} {provider:14s} "
+                    + (f"{row['ms']:9.3f} ms" if row["ms"] is not None else " " * 12) + f"  {row['status']}")
+        # GEMM rows: triton before cublas in the schedule; fill the triton ratio now
+        for row in rows:
+            if row["provider"] == "triton_gemm" and row["ms"] is not None and row["ratio_to_base"] is None:
+                ref = cublas_ms.get((row["proj"], row["mix"].split()[1]))
+                row["ratio_to_base"] = row["ms"] / ref if ref else None
+        del c
     import triton
 
-    import hlora
+    device = torch.cuda.get_device_name(0) if (torch.cuda.is_available() and not smoke) else "cpu (smoke)"
+    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                smoke=smoke, hlora=getattr(hlora, "__version__", "?"), strategies=kernel_strategies(),
+                T=cfg["T"], dtype=str(cfg["dtype"]).split(".")[-1], rows=rows)
 
-    os.makedirs(args.out, exist_ok=True)
-    gpu = torch.cuda.get_device_name(0)
-    version = f"hlora {getattr(hlora, '__version__', '?')} torch {torch.__version__} triton {triton.__version__}"
-    md = [f"# H-LoRA fused kernels on {gpu}", "", f"{version}; {time.strftime('%Y-%m-%d %H:%M')}"]
-    ok = True
-    t0 = time.time()
-    if not args.skip_correctness:
-        rows, ok = correctness()
-        with open(os.path.join(args.out, "correctness.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
-        md.append(f"\n### correctness against float64 ({'all pass' if ok else 'FAILURES'})\n")
-        md.append("| case | dtype | tensor | max err / max abs ref | tol | ok |")
-        md.append("|---|---|---|---|---|---|")
-        md += [f"| {r['case']} | {r['dtype']} | {r['tensor']} | {r['max_rel_err']} | {r['tol']} | {r['ok']} |" for r in rows]
-        print(f"correctness: {'all pass' if ok else 'FAILURES'} ({time.time() - t0:.0f}s)", flush=True)
-    if not args.skip_bench:
-        rows = []
-        benchmarks(args.quick, gpu, version, rows, md)
-        with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=["kernel", "provider", "mode", "x", "median_ms", "p20_ms", "p80_ms", "gpu", "version"])
-            wr.writeheader()
-            wr.writerows(rows)
-    md.append(f"\n(total {time.time() - t0:.0f}s)")
-    text = "\n".join(md) + "\n"
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return 0 if ok else 1
+
+def default_name(result: dict) -> str:
+    """<date>-<gpu>.json, e.g. 2026-12-02-nvidia-h200.json."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    return f"{result['date'][:10]}-{gpu}.json"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="JSON file (default: OUT_DIR/<date>-<gpu>.json)")
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the default file name")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU (kernels in the Triton interpreter)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="rows after this many seconds are skipped")
+    args = ap.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU; on a CPU run it with --smoke", file=sys.stderr)
+        return 2
+    result = run(args.smoke, args.budget_s)
+    out = args.out or os.path.join(args.out_dir, default_name(result))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    failed = [r for r in result["rows"] if r["status"].startswith("FAILED")]
+    print(f"wrote {out}: {len(result['rows'])} rows, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
