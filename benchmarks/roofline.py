@@ -12,19 +12,23 @@ is a lower bound: real kernels only add (tile quantisation, waves, pipeline fill
 
 Plans (``PLANS``) are data: a function of a ``Problem`` returning a list of ``Launch(name, flops,
 bytes)``; names start with ``fwd`` or ``bwd``. Whoever changes the kernels updates the matching
-plan here (``fused`` is the improved fused plan of issue 11, ``cublas`` the cuBLAS-base strategy).
+plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_linear.py as built).
 
 - ``base``: the frozen layer, y = x W0^T and dx = dy W0 (no weight gradient).
 - ``fused_e83936e``: the launch plan of kernels/fused_linear.py at commit e83936e (split-K fp32
   partials + sum, two dy passes for dh and dB, separate gate kernels, torch.cat of [A; router],
   casts of the weight gradients). Mixed batches compute every rank column for every token (masked).
-- ``fused``: issue 11's plan: UL GEMM with the gate in its epilogue; y and dx as extended-K GEMMs
-  [x, h] @ [W0, B]^T and [dy, dUL] @ [W0; A; router]; one dy pass for dh (gate backward in its
-  epilogue) and dB; fp32 in-L2 accumulation for dB and d[A; router] (no split partials), then one
-  cast to the parameter dtype; rank-space widths padded to 16; mixed batches grouped by plugin.
-- ``cublas``: the base on cuBLAS, adapter kernels as in ``fused`` accumulating into its output
-  after it (y += h B^T and dx += dUL [A; router]: a read and a write of [T, N] / [T, D] each).
-- ``cublas_beta1``: the same, but the adapter product is written first and cuBLAS accumulates the
+- ``fused``: kernels/fused_linear.py as built at 915cd18 (its launchers ``hlora_forward`` /
+  ``hlora_backward``, strategy ``fused``): UL GEMM (A and router read in place, fp32 UL), gate
+  kernel, y = [x, h] @ [W0, B]^T; torch.zeros(dB), the dh_db kernel (one dy pass: dh in fp32, dB by
+  fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router], torch.zeros(dA, drouter),
+  d[A; router] by fp32 atomics, three casts to the parameters' bf16. Mixed batches masked.
+- ``cublas``: the same rank-space launches; the base through F.linear / torch.mm and the adapter
+  GEMM accumulating into its output after it (reads and writes y and dx once more), as built.
+- ``fused_grouped``: ``fused`` with mixed batches grouped by plugin (issue 11 item 5; not built).
+- ``fused_epilogue``: issue 11's target: the gate in the UL GEMM's epilogue, the gate backward in
+  the dy pass's epilogue (no fp32 dh round trip), one zero and one cast launch, grouped batches.
+- ``cublas_beta1``: ``cublas`` with the adapter product written first and cuBLAS accumulating the
   base into it (beta = 1): its extra C read hides under the compute-bound GEMM.
 - ``peft_lora``: PEFT's LoRA (peft.tuners.lora.Linear, dropout 0) of the same total rank:
   base, x A^T, (.) B^T, * scaling, + result; autograd's backward of each, dx accumulated once.
@@ -81,11 +85,14 @@ NUM_SMS = 132  # H100 SXM and H200: what fused_linear@e83936e's split-K heuristi
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: FLOPs it must do and HBM bytes it must move (reads + writes)."""
+    """One kernel launch: FLOPs it must do and HBM bytes it must move (reads + writes). ``role``: the
+    launch's name in kernels/fused_linear.py (``Launch.role`` there) for the built plans' Triton
+    kernels, empty for torch ops."""
 
     name: str
     flops: float
     bytes: float
+    role: str = ""
 
     def seconds(self, device: Device) -> float:
         """Roofline time of this launch alone, without the launch term."""
@@ -231,65 +238,118 @@ def _segments(p: Problem, grouped: bool) -> list:
     return [(p.T * q.share, q.rank, q.experts) for q in p.plugins]
 
 
-def _adapter_launches(p: Problem, grouped: bool) -> dict:
-    """The rank-space launches the improved fused plan and the cuBLAS-base plan share."""
-    T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
+@dataclass(frozen=True)
+class _RankSpace:
+    """Element counts of the rank-space tensors over all row segments. ``ul``, ``h``: what is stored
+    ([T_p, R_p + k_p], [T_p, R_p]); ``*_mma``: the widths the tensor cores run, padded to 16 per
+    operand (the smallest MMA K / N step for bf16)."""
+
+    ul: float
+    h: float
+    ul_mma: float  # UL = x [A; router]^T and d[A; router] = dUL^T x: one operand of width R + k
+    h_mma: float  # y's and dh / dB's rank width
+    dx_mma: float  # dx's adapter K: A and the router as two operands, each padded
+    routed: float  # bytes of the per-token plugin index (mixed batches)
+
+
+def _rank_space(p: Problem, grouped: bool) -> _RankSpace:
     seg = _segments(p, grouped)
-    ul_cols = sum(t * pad16(r + k) for t, r, k in seg)  # padded [T_p, R_p + k_p] elements
-    h_cols = sum(t * pad16(r) for t, r, k in seg)
-    routed = T * 4 if len(p.plugins) > 1 else 0
-    ul = Launch(
-        "fwd UL = x [A; router]^T, gate in the epilogue -> h (bf16), UL (fp32, saved)",
-        2.0 * D * ul_cols,
-        T * D * ACT + (R + K) * D * ACT + ul_cols * F32 + h_cols * ACT + routed,
+    return _RankSpace(
+        ul=sum(t * (r + k) for t, r, k in seg), h=sum(t * r for t, r, k in seg),
+        ul_mma=sum(t * pad16(r + k) for t, r, k in seg), h_mma=sum(t * pad16(r) for t, r, k in seg),
+        dx_mma=sum(t * (pad16(r) + pad16(k)) for t, r, k in seg), routed=p.T * 4 if len(p.plugins) > 1 else 0,
     )
-    zero = elementwise("bwd zero the fp32 dB, d[A; router] accumulators", read=0, write=(N * R + (R + K) * D) * F32)
-    dy_pass = Launch(
-        "bwd one dy pass: dh = dy B -> gate backward in the epilogue -> dUL; dB += dy^T h (fp32, in L2)",
-        2.0 * 2 * N * h_cols,
-        T * N * ACT + N * R * ACT + ul_cols * F32 + routed + ul_cols * ACT + N * R * F32,
-    )
-    d_ar = Launch("bwd d[A; router] += dUL^T x (fp32, in L2)", 2.0 * D * ul_cols,
-                  ul_cols * ACT + T * D * ACT + (R + K) * D * F32)
-    cast = elementwise("bwd cast dB, dA, drouter to the parameter dtype",
-                       read=(N * R + (R + K) * D) * F32, write=(N * R + (R + K) * D) * ACT)
-    return dict(ul=ul, zero=zero, dy_pass=dy_pass, d_ar=d_ar, cast=cast, ul_cols=ul_cols, h_cols=h_cols)
 
 
-def fused_plan(p: Problem, grouped: bool = True) -> list:
-    """Issue 11's improved fused plan (module docstring); ``grouped=False`` masks mixed batches."""
+def _adapter_launches(p: Problem, grouped: bool, epilogue: bool) -> dict:
+    """The rank-space launches of the fused and cuBLAS-base strategies, by role.
+
+    ``epilogue=False``: kernels/fused_linear.py as built at 915cd18 (UL GEMM, then a gate kernel; the
+    dh_db kernel writes dh in fp32 and a gate-backward kernel turns it into dUL; torch.zeros for each
+    fp32 accumulator; one cast per weight gradient). ``epilogue=True``: issue 11's target, the gate in
+    the UL GEMM's epilogue and the gate backward in the dy pass's epilogue (no dh round trip), one
+    zero and one cast launch."""
+    D, N, R, K = p.d_in, p.d_out, p.R, p.K
+    rs = _rank_space(p, grouped)
+    T = p.T
+    ar = (R + K) * D  # A and router elements
+    out = dict(rs=rs)
+    if epilogue:
+        out["fwd"] = [Launch("fwd UL = x [A; router]^T, gate in the epilogue -> h, UL (fp32, saved)", 2.0 * D * rs.ul_mma,
+                             T * D * ACT + ar * ACT + rs.ul * F32 + rs.h * ACT + rs.routed)]
+        out["zero"] = [elementwise("bwd zero the fp32 dB, d[A; router] accumulators", read=0, write=(N * R + ar) * F32)]
+        out["dy"] = [Launch("bwd dh_db: dh = dy B -> gate backward in the epilogue -> dUL; dB += dy^T h (fp32, in L2)",
+                            4.0 * N * rs.h_mma,
+                            T * N * ACT + N * R * ACT + rs.h * ACT + rs.ul * F32 + rs.routed + rs.ul * ACT + N * R * F32)]
+        out["cast"] = [elementwise("bwd cast dA, dB, drouter to the parameter dtype",
+                                   read=(N * R + ar) * F32, write=(N * R + ar) * ACT)]
+    else:
+        out["fwd"] = [
+            Launch("fwd ul: UL = x [A; router]^T (fp32, saved)", 2.0 * D * rs.ul_mma, T * D * ACT + ar * ACT + rs.ul * F32,
+                   "ul"),
+            Launch("fwd gate_fwd: h = gate(UL) (saved)", 0.0, rs.ul * F32 + rs.routed + rs.h * ACT, "gate_fwd"),
+        ]
+        out["zero"] = [elementwise("bwd torch.zeros dB (fp32)", read=0, write=N * R * F32)]
+        out["dy"] = [
+            Launch("bwd dh_db: dh = dy B (fp32); dB += dy^T h (fp32, in L2)", 4.0 * N * rs.h_mma,
+                   T * N * ACT + N * R * ACT + rs.h * ACT + rs.h * F32 + N * R * F32, "dh_db"),
+            Launch("bwd gate_bwd: dUL = gate_backward(dh, UL)", 0.0, rs.h * F32 + rs.ul * F32 + rs.routed + rs.ul * ACT,
+                   "gate_bwd"),
+            elementwise("bwd torch.zeros dA (fp32)", read=0, write=R * D * F32),
+            elementwise("bwd torch.zeros drouter (fp32)", read=0, write=K * D * F32),
+        ]
+        out["cast"] = [elementwise(f"bwd cast {g} to the parameter dtype", read=n * F32, write=n * ACT)
+                       for g, n in (("dA", R * D), ("dB", N * R), ("drouter", K * D))]
+    out["dar"] = [Launch("bwd dar: d[A; router] += dUL^T x (fp32 atomics, in L2)", 2.0 * D * rs.ul_mma,
+                         rs.ul * ACT + T * D * ACT + ar * F32, "dar")]
+    return out
+
+
+def fused_plan(p: Problem, grouped: bool = False, epilogue: bool = False) -> list:
+    """The fused strategy: y and dx as extended-K GEMMs [x, h] [W0, B]^T and [dy, dUL] [W0; A; router]
+    around the rank-space launches of ``_adapter_launches``. Defaults: as built (masked mixed batches)."""
     T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
-    a = _adapter_launches(p, grouped)
-    y = Launch("fwd y = [x, h] [W0, B]^T", 2.0 * T * N * D + 2.0 * N * a["h_cols"],
-               T * D * ACT + N * D * ACT + a["h_cols"] * ACT + N * R * ACT + T * N * ACT)
-    dx = Launch("bwd dx = [dy, dUL] [W0; A; router]", 2.0 * T * D * N + 2.0 * D * a["ul_cols"],
-                T * N * ACT + N * D * ACT + a["ul_cols"] * ACT + (R + K) * D * ACT + T * D * ACT)
-    return [a["ul"], y, a["zero"], a["dy_pass"], dx, a["d_ar"], a["cast"]]
+    a = _adapter_launches(p, grouped, epilogue)
+    rs = a["rs"]
+    y = Launch("fwd y_fused: y = [x, h] [W0, B]^T", 2.0 * T * N * D + 2.0 * N * rs.h_mma,
+               T * D * ACT + N * D * ACT + rs.h * ACT + N * R * ACT + T * N * ACT, "y_fused")
+    dx = Launch("bwd dx_fused: dx = [dy, dUL] [W0; A; router]", 2.0 * T * D * N + 2.0 * D * rs.dx_mma,
+                T * N * ACT + N * D * ACT + rs.ul * ACT + (R + K) * D * ACT + T * D * ACT, "dx_fused")
+    return [*a["fwd"], y, *a["zero"], *a["dy"], dx, *a["dar"], *a["cast"]]
 
 
-def fused_masked_plan(p: Problem) -> list:
-    return fused_plan(p, grouped=False)
+def fused_grouped_plan(p: Problem) -> list:
+    """The built kernels with mixed batches grouped by plugin (issue 11 item 5, not built yet)."""
+    return fused_plan(p, grouped=True)
 
 
-def cublas_plan(p: Problem, grouped: bool = True, beta1: bool = False) -> list:
-    """Base on cuBLAS, the adapter in small kernels accumulating into its output: after the base
-    (read + write of y and dx), or with ``beta1`` before it (cuBLAS reads the adapter's product as C)."""
+def fused_epilogue_plan(p: Problem) -> list:
+    """Issue 11's target: gates in the GEMM epilogues, grouped mixed batches."""
+    return fused_plan(p, grouped=True, epilogue=True)
+
+
+def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = False) -> list:
+    """The cuBLAS-base strategy as built: F.linear / torch.mm for the base, then the adapter GEMM
+    accumulating into its output (reads and writes y and dx once more). ``beta1``: the adapter's
+    product written first and cuBLAS accumulating the base into it (its extra C read hides under the
+    compute-bound GEMM)."""
     T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
-    a = _adapter_launches(p, grouped)
+    a = _adapter_launches(p, grouped, epilogue=False)
+    rs = a["rs"]
+    y_ad = (2.0 * N * rs.h_mma, rs.h * ACT + N * R * ACT)
+    dx_ad = (2.0 * D * rs.dx_mma, rs.ul * ACT + (R + K) * D * ACT)
     if beta1:
-        y = [Launch("fwd y := h B^T (adapter kernel)", 2.0 * N * a["h_cols"], a["h_cols"] * ACT + N * R * ACT + T * N * ACT),
+        y = [Launch("fwd y := h B^T (adapter GEMM)", y_ad[0], y_ad[1] + T * N * ACT),
              gemm("fwd y += x W0^T (cuBLAS, beta=1)", T, N, D, c_in=ACT)]
-        dx = [Launch("bwd dx := dUL [A; router] (adapter kernel)", 2.0 * D * a["ul_cols"],
-                     a["ul_cols"] * ACT + (R + K) * D * ACT + T * D * ACT),
+        dx = [Launch("bwd dx := dUL [A; router] (adapter GEMM)", dx_ad[0], dx_ad[1] + T * D * ACT),
               gemm("bwd dx += dy W0 (cuBLAS, beta=1)", T, D, N, c_in=ACT)]
     else:
-        y = [gemm("fwd y = x W0^T (cuBLAS)", T, N, D),
-             Launch("fwd y += h B^T (adapter kernel)", 2.0 * N * a["h_cols"],
-                    a["h_cols"] * ACT + N * R * ACT + 2 * T * N * ACT)]
-        dx = [gemm("bwd dx = dy W0 (cuBLAS)", T, D, N),
-              Launch("bwd dx += dUL [A; router] (adapter kernel)", 2.0 * D * a["ul_cols"],
-                     a["ul_cols"] * ACT + (R + K) * D * ACT + 2 * T * D * ACT)]
-    return [a["ul"], *y, a["zero"], a["dy_pass"], *dx, a["d_ar"], a["cast"]]
+        y = [gemm("fwd y = x W0^T (F.linear)", T, N, D),
+             Launch("fwd y_adapter: y += h B^T (reads and writes y)", y_ad[0], y_ad[1] + 2 * T * N * ACT, "y_adapter")]
+        dx = [gemm("bwd dx = dy W0 (torch.mm)", T, D, N),
+              Launch("bwd dx_adapter: dx += dUL [A; router] (reads and writes dx)", dx_ad[0], dx_ad[1] + 2 * T * D * ACT,
+                     "dx_adapter")]
+    return [*a["fwd"], *y, *a["zero"], *a["dy"], *dx, *a["dar"], *a["cast"]]
 
 
 def cublas_beta1_plan(p: Problem) -> list:
@@ -378,9 +438,11 @@ PLANS = {  # CSV provider name: plan (providers named as in benchmarks/bench_ker
     "hlora_fused_e83936e": fused_e83936e_plan,
     "hlora_fused": fused_plan,
     "hlora_cublas": cublas_plan,
+    "hlora_fused_grouped": fused_grouped_plan,
+    "hlora_fused_epilogue": fused_epilogue_plan,
     "hlora_cublas_beta1": cublas_beta1_plan,
 }
-HLORA_PLANS = ("hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_cublas_beta1")
+HLORA_PLANS = tuple(name for name in PLANS if name.startswith("hlora_"))
 
 # ----------------------------------------------------------------------------------------------
 # the study: Phi-3-mini projections, T = 8192, bf16
@@ -432,15 +494,14 @@ def csv_rows(launch_us: float = LAUNCH_US, version: str = "") -> list:
             mixed = mixed_problem(proj)
             for name in HLORA_PLANS:
                 rows.append(_row(f"roofline {proj} 50/50 comp+gen", name, T_STUDY, plan_us(PLANS[name](mixed), dev, launch_us), dev, version))
-            rows.append(_row(f"roofline {proj} 50/50 comp+gen", "hlora_fused_masked", T_STUDY,
-                             plan_us(fused_masked_plan(mixed), dev, launch_us), dev, version))
     return rows
 
 
 def markdown(launch_us: float = LAUNCH_US) -> str:
     """The tables for benchmarks/RESULTS.md (measured columns left empty for the first GPU run)."""
     out = []
-    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_cublas_beta1")
+    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_epilogue",
+            "hlora_cublas_beta1")
     out.append(f"Lower bounds per layer, fwd+bwd, T={T_STUDY}, bf16, ratio to the frozen base; each launch costs "
                f"max(FLOPs / peak, bytes / bandwidth) + {launch_us:g} µs. k=4. Goal on paper: <= {GOALS[64]}x at "
                f"R=64, <= {GOALS[256]}x at R=256 (H-LoRA plans); `*` misses it; (launches) per plan. FLOP floor: "
@@ -481,18 +542,19 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
     out.append("| projection | plan | " + " | ".join(f"k={k}" for k in KS) + " | k=32 / k=2 |")
     out.append("|---|---|" + "---|" * len(KS) + "---|")
     for proj in PROJECTIONS:
-        for name in ("moelora_loop", "hlora_fused", "hlora_cublas"):
+        for name in ("moelora_loop", "hlora_fused", "hlora_cublas", "hlora_fused_epilogue"):
             rs = [ratio_to_base(PLANS[name], problem(proj, Plugin(64, k)), H200, launch_us) for k in KS]
             out.append(f"| {proj} | {name} | " + " | ".join(f"{r:.3f}" for r in rs) + f" | {rs[-1] / rs[0]:.3f} |")
     out.append("")
     # mixed batch
     out.append(f"50/50 comp (R=64) + gen (R=256) batch, H200: bound of the mixed batch / mean of the comp-only and "
                f"gen-only batches (goal <= {MIX_GOAL}); masked = every rank column for every token.\n")
-    out.append("| projection | hlora_fused_e83936e (masked) | hlora_fused masked | hlora_fused grouped | hlora_cublas grouped | measured fused |")
-    out.append("|---|---|---|---|---|---|")
+    mix_cols = ("hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_grouped", "hlora_fused_epilogue")
+    out.append("| projection | " + " | ".join(mix_cols) + " | measured fused | measured cublas |")
+    out.append("|---|" + "---|" * len(mix_cols) + "---|---|")
     for proj in PROJECTIONS:
-        cells = [mix_ratio(plan, proj, H200, launch_us) for plan in (fused_e83936e_plan, fused_masked_plan, fused_plan, cublas_plan)]
-        out.append(f"| {proj} | " + " | ".join(f"{c:.3f}" for c in cells) + " | |")
+        cells = [mix_ratio(PLANS[name], proj, H200, launch_us) for name in mix_cols]
+        out.append(f"| {proj} | " + " | ".join(f"{c:.3f}{'*' if c > MIX_GOAL else ''}" for c in cells) + " | | |")
     out.append("")
     return "\n".join(out)
 
