@@ -1,10 +1,20 @@
 """The ``healthgpt`` command: argparse subcommands, each registered by its own module.
 
 Adding a subcommand (``train``, ``demo``, ``eval``, ...): write ``healthgpt/cli/<name>.py`` with
-``register(subparsers)`` that adds a parser and sets ``func=<callable(args) -> int>`` as its default,
-then add one line to ``SUBCOMMANDS``. ``add_model_arguments`` / ``model_from_args`` give every
-subcommand the same ``--weights`` / ``--device`` / ``--seed`` handling. Registrars are imported only
-when the parser is built, so one subcommand's optional dependencies never break another.
+``add_arguments(parser)`` and ``run(args) -> int``, make ``register, main = subcommand(...)`` there,
+and add one line to ``SUBCOMMANDS``. ``add_model_arguments`` / ``model_from_args`` give every
+subcommand the same ``--weights`` / ``--device`` / ``--seed`` handling and the one place a model is
+built from them.
+
+Errors: a subcommand raises (``CLIError`` for usage problems, or the domain errors in
+``user_errors()``: a missing file, an unreadable image, a bad training row or checkpoint); ``run_guarded``,
+used by ``main`` and by every subcommand's stand-alone ``main``, prints ``healthgpt: error: ...`` and
+returns 2. Nothing else prints errors or picks exit codes.
+
+Imports: building the parser imports every registrar module, so those modules (and this one) import
+the model, torch and the image stack inside their ``run`` functions, not at the top: ``healthgpt data
+check`` or ``healthgpt --help`` then start without loading torch/transformers, and one subcommand's
+optional dependencies never break another.
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ import importlib
 import sys
 import warnings
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS", "subcommand", "add_model_arguments", "model_from_args", "CLIError"]
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "subcommand", "add_model_arguments", "model_from_args", "CLIError",
+           "run_guarded", "user_errors", "TINY_WARNING"]
 
 SUBCOMMANDS = {
     "answer": "healthgpt.cli.infer:register_answer",
@@ -44,7 +55,7 @@ def subcommand(name: str, help: str, doc: str, add_arguments, run):
     def main(argv=None) -> int:
         parser = argparse.ArgumentParser(prog=f"healthgpt {name}", **texts)
         add_arguments(parser)
-        return run(parser.parse_args(argv))
+        return run_guarded(run, parser.parse_args(argv))
 
     return register, main
 
@@ -53,27 +64,58 @@ class CLIError(Exception):
     """A user-facing error: printed as ``healthgpt: error: ...`` with exit status 2."""
 
 
+def user_errors() -> tuple:
+    """The exception types ``run_guarded`` reports as one line (the user's input is at fault, no
+    traceback helps): ``CLIError`` and the library's input errors."""
+    from hlora import CheckpointError
+
+    from healthgpt.data.format import DataError
+    from healthgpt.data.images import ImageLoadError
+    from healthgpt.model.vq_convert import ConversionError
+
+    return CLIError, FileNotFoundError, NotADirectoryError, ImageLoadError, DataError, CheckpointError, ConversionError
+
+
+def run_guarded(run, args) -> int:
+    """``run(args)`` -> its exit status (None counts as 0); a ``user_errors()`` exception is printed as
+    ``healthgpt: error: ...`` on stderr and gives 2. The one error path of every subcommand."""
+    try:
+        return int(run(args) or 0)
+    except user_errors() as e:
+        print(f"healthgpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+TINY_WARNING = ("no --weights given: using the tiny preset with random weights; its outputs are untrained noise "
+                "and any scores meaningless (use it only to test the pipeline)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="DIR", help="HealthGPT weights directory (HealthGPT.save_pretrained); "
                         "default: the tiny preset with random weights (untrained outputs)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: auto, cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
 
 
 def model_from_args(args):
-    """The model ``--weights`` names, or the tiny preset (with a warning) when it is not given."""
+    """The one place a model is built from ``add_model_arguments``' options: ``--weights`` (a folder
+    written by ``HealthGPT.save_pretrained``), or the tiny preset with random weights seeded by
+    ``--seed`` (with ``TINY_WARNING``); moved to ``--device`` and put in eval mode."""
     import torch
 
     from healthgpt.model.healthgpt import HealthGPT
 
     if args.weights is None:
-        warnings.warn("no --weights given: using the tiny preset with random weights; its outputs are untrained noise",
-                      stacklevel=2)
+        warnings.warn(TINY_WARNING, stacklevel=2)
         torch.manual_seed(args.seed)
         model = HealthGPT("tiny")
     else:
         model = HealthGPT.from_pretrained(args.weights)
-    return model.to(args.device).eval()
+    device = args.device
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +131,8 @@ def decoding_kwargs(args) -> dict:
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
-                        help="intensity window for DICOM / NIfTI / 16-bit input (default: the file's, else min-max)")
+                        help="intensity window for DICOM / NIfTI / 16-bit input, DICOM's linear VOI window as in "
+                             "training data (healthgpt.data.images; default: the file's, else min-max)")
     parser.add_argument("--frame", type=int, help="frame of a multi-frame DICOM or volume of a 4-D NIfTI")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2), help="NIfTI slicing axis (default 2, axial)")
     parser.add_argument("--slice", type=int, dest="slice_index", help="NIfTI slice index (default: the middle)")
@@ -116,18 +159,8 @@ def build_parser(subcommands: dict | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list | None = None) -> int:
     """Entry point of the ``healthgpt`` console script; returns the exit status."""
-    from hlora import CheckpointError
-
-    from healthgpt.model.vq_convert import ConversionError
-    from healthgpt.data.images import ImageLoadError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ImageLoadError, CheckpointError, ConversionError) as e:
-        print(f"healthgpt: error: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":
