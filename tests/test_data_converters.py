@@ -269,3 +269,5 @@ def test_data_cli(tmp_path, capsys):
     open(out, "w").write(json.dumps(rows))
     assert main(["check", out]) == 2 and "row 2 (id 'bad')" in capsys.readouterr().err
     assert main(["check", out, "--skip-bad"]) == 1 and "skipped 1 bad" in capsys.readouterr().out
+    assert main(["convert", "synthrad2023", str(root), "--out", out, "--ct-window", "40"]) == 2
+    assert "healthgpt: error: --ct-window must be CENTER,WIDTH" in capsys.readouterr().err

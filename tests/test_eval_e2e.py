@@ -16,7 +16,7 @@ healthgpt = pytest.importorskip("healthgpt")
 if not hasattr(healthgpt, "HealthGPT"):
     pytest.skip("healthgpt.HealthGPT is not available yet", allow_module_level=True)
 
-from healthgpt.evaluation import model_adapter  # noqa: E402
+from healthgpt.cli import model_from_args  # noqa: E402
 from healthgpt.cli.eval import add_eval_arguments, run_eval  # noqa: E402
 from healthgpt.evaluation.runner import read_predictions  # noqa: E402
 
@@ -24,12 +24,12 @@ from healthgpt.evaluation.runner import read_predictions  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny():
     with pytest.warns(UserWarning, match="meaningless"):
-        return model_adapter.build_model(None, device="cpu", seed=0)
+        return model_from_args(argparse.Namespace(weights=None, device="cpu", seed=0))
 
 
 @pytest.fixture
 def use_tiny(tiny, monkeypatch):
-    """run_eval builds its model through build_model: hand it the one built for this module,
+    """run_eval builds its model through model_from_args: hand it the one built for this module,
     counting the samples the model is asked about."""
     seen = []
     orig_answer, orig_generate = tiny.answer_batch, tiny.generate_images
@@ -44,7 +44,7 @@ def use_tiny(tiny, monkeypatch):
 
     monkeypatch.setattr(tiny, "answer_batch", answer_batch, raising=False)
     monkeypatch.setattr(tiny, "generate_images", generate_images, raising=False)
-    monkeypatch.setattr(model_adapter, "build_model", lambda *a, **k: tiny)
+    monkeypatch.setattr("healthgpt.cli.eval.model_from_args", lambda args: tiny)
     return seen
 
 

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from healthgpt.cli import CLIError
 from healthgpt.cli.eval import add_eval_arguments, run_eval
 from healthgpt.evaluation import llava_med
 from healthgpt.evaluation.huatuogpt_vision import match_option
@@ -208,10 +209,10 @@ def test_cli_candidates(tmp_path, capsys):
     assert s["open_accuracy_llava_med"] == 50.0              # row 1 right, row 2 picks 'left lung'
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
-    assert run_eval(_args("--bench", "slake", "--predictions", p, "--candidates", bad, "--out", tmp_path / "b")) == 2
-    assert run_eval(_args("--bench", "mmmu-med", "--predictions", p, "--candidates", cands, "--out", tmp_path / "c")) == 2
-    err = capsys.readouterr().err
-    assert "non-empty" in err and "VQA benchmarks" in err
+    with pytest.raises(CLIError, match="non-empty"):  # healthgpt.cli.run_guarded reports it (exit status 2)
+        run_eval(_args("--bench", "slake", "--predictions", p, "--candidates", bad, "--out", tmp_path / "b"))
+    with pytest.raises(CLIError, match="VQA benchmarks"):
+        run_eval(_args("--bench", "mmmu-med", "--predictions", p, "--candidates", cands, "--out", tmp_path / "c"))
 
 
 def test_open_choice_unparsed_rows_are_counted():

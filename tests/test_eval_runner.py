@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from healthgpt.cli import eval as eval_cli
+from healthgpt.cli import CLIError, eval as eval_cli
+from healthgpt.cli import main as cli_main
 from healthgpt.cli.eval import add_eval_arguments, run_eval
 from healthgpt.evaluation.data import load_samples, parse_options
 from healthgpt.evaluation.lpips import LPIPS
@@ -142,7 +143,7 @@ def test_rescore_needs_no_model(slake, tmp_path, monkeypatch):
 
     def no_model(*a, **k):
         raise AssertionError("re-scoring must not build a model")
-    monkeypatch.setattr("healthgpt.evaluation.model_adapter.build_model", no_model)
+    monkeypatch.setattr("healthgpt.cli.eval.model_from_args", no_model)
     out2 = tmp_path / "rescore"
     assert run_eval(_args("--bench", "slake", "--predictions", out / "predictions.jsonl",
                           "--out", out2, "--open-scoring", "recall")) == 0
@@ -154,9 +155,16 @@ def test_rescore_needs_no_model(slake, tmp_path, monkeypatch):
 
 
 def test_cli_usage_errors(tmp_path, capsys):
-    assert run_eval(_args("--out", tmp_path)) == 2
-    assert run_eval(_args("--bench", "slake", "--out", tmp_path)) == 2
-    assert run_eval(_args("--bench", "slake", "--predictions", tmp_path / "none.jsonl", "--out", tmp_path)) == 2
+    """run_eval raises CLIError; healthgpt.cli.run_guarded (the one error path) reports it."""
+    with pytest.raises(CLIError, match="--bench is required"):
+        run_eval(_args("--out", tmp_path))
+    with pytest.raises(CLIError, match="give --data"):
+        run_eval(_args("--bench", "slake", "--out", tmp_path))
+    with pytest.raises(CLIError, match="no such predictions file"):
+        run_eval(_args("--bench", "slake", "--predictions", tmp_path / "none.jsonl", "--out", tmp_path))
+    assert capsys.readouterr().err == ""  # nothing printed by run_eval itself
+    assert cli_main(["eval", "--bench", "slake", "--out", str(tmp_path)]) == 2
+    assert "healthgpt: error: give --data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _args("--bench", "nope", "--out", tmp_path)
     assert "error" in capsys.readouterr().err

@@ -9,10 +9,14 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from healthgpt import HealthGPT
-from healthgpt.cli import SUBCOMMANDS, build_parser, main
+from healthgpt.cli import SUBCOMMANDS, build_parser, main, model_from_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _image(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 50, 3), dtype=np.uint8))
 
 
 def test_answer_on_the_tiny_preset_warns_and_prints(capsys):
@@ -35,10 +39,27 @@ def test_generate_writes_a_256px_image(tmp_path, capsys):
 
 
 def test_weights_directory(tmp_path, capsys):
-    torch.manual_seed(0)
-    HealthGPT("tiny").save_pretrained(tmp_path / "w")
-    status = main(["answer", "--weights", str(tmp_path / "w"), "--question", "Hello?", "--max-new-tokens", "3"])
-    assert status == 0
+    """--weights loads the saved weights: the model model_from_args builds from them computes what the
+    saved model computes, unlike a fresh random one, and the CLI prints the saved model's answer."""
+    torch.manual_seed(123)  # not the CLI's --seed 0, so the saved weights differ from the default random ones
+    saved = HealthGPT("tiny").eval()
+    saved.save_pretrained(tmp_path / "w")
+    batch = saved.collate([saved.prepare_sample([{"from": "human", "value": "<image>\nWhat is it?"},
+                                                 {"from": "gpt", "value": "A CT."}], "comp", image=_image(5))])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**batch).logits
+
+    loaded = model_from_args(argparse.Namespace(weights=str(tmp_path / "w"), device="cpu", seed=0))
+    with pytest.warns(UserWarning, match="tiny preset"):
+        fresh = model_from_args(argparse.Namespace(weights=None, device="cpu", seed=0))
+    want = logits(saved)
+    assert torch.equal(logits(loaded), want)
+    assert (logits(fresh) - want).abs().max() > 1e-2
+    argv = ["answer", "--question", "Hello?", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(argv + ["--weights", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().out == saved.answer(None, "Hello?", max_new_tokens=6) + "\n"
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

@@ -1,17 +1,33 @@
 """``healthgpt convert-vqgan`` (taming checkpoint -> image tokenizer directory) and
-``healthgpt convert-release`` (the public release's .bin files -> a HealthGPT weights directory)."""
+``healthgpt convert-release`` (the public release's .bin files -> a HealthGPT weights directory).
+
+The model code is imported inside the ``run_*`` functions (see ``healthgpt.cli``: parser start-up)."""
 
 from __future__ import annotations
 
+from healthgpt.cli import CLIError, subcommand
 
-def register_vqgan(subparsers) -> None:
-    p = subparsers.add_parser("convert-vqgan", help="convert taming's Gumbel VQGAN last.ckpt + model.yaml")
+__all__ = ["register_vqgan", "register_release", "run_vqgan", "run_release"]
+
+VQGAN_DOC = """Convert taming's Gumbel VQGAN last.ckpt + model.yaml into an image tokenizer directory.
+
+    healthgpt convert-vqgan --ckpt vqgan/last.ckpt --yaml vqgan/configs/model.yaml --out image_tokenizer/
+"""
+
+RELEASE_DOC = """Build a HealthGPT weights directory from the public release's files.
+
+    healthgpt convert-release --preset m3 --llm Phi-3-mini-4k-instruct --vision clip-vit-large-patch14-336 \\
+        --image-tokenizer image_tokenizer/ --com com_hlora_weights.bin --gen gen_hlora_weights.bin \\
+        --fusion fusion_layer_weights.bin --out weights/
+"""
+
+
+def add_vqgan_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, help="taming last.ckpt")
     p.add_argument("--yaml", required=True, help="taming model.yaml (configs/model.yaml beside the checkpoint)")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in --ckpt (only for a trusted file)")
-    p.set_defaults(func=run_vqgan)
 
 
 def run_vqgan(args) -> int:
@@ -22,8 +38,7 @@ def run_vqgan(args) -> int:
     return 0
 
 
-def register_release(subparsers) -> None:
-    p = subparsers.add_parser("convert-release", help="build a weights directory from the public release's files")
+def add_release_arguments(p) -> None:
     p.add_argument("--preset", choices=("m3", "l14"), required=True)
     p.add_argument("--llm", required=True, help="local base LLM directory (Phi-3-mini-4k-instruct or phi-4)")
     p.add_argument("--vision", required=True, help="local openai/clip-vit-large-patch14-336 directory")
@@ -33,11 +48,9 @@ def register_release(subparsers) -> None:
     p.add_argument("--fusion", help="fusion_layer_weights.bin")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     p.add_argument("--out", required=True, help="output HealthGPT weights directory")
-    p.set_defaults(func=run_release)
 
 
 def run_release(args) -> int:
-    from healthgpt.cli import CLIError
     from healthgpt.model.config import HealthGPTConfig
     from healthgpt.model.healthgpt import HealthGPT
 
@@ -51,3 +64,9 @@ def run_release(args) -> int:
     model.save_pretrained(args.out)
     print(args.out)
     return 0
+
+
+register_vqgan, main_vqgan = subcommand("convert-vqgan", "convert taming's Gumbel VQGAN last.ckpt + model.yaml",
+                                        VQGAN_DOC, add_vqgan_arguments, run_vqgan)
+register_release, main_release = subcommand("convert-release", "build a weights directory from the public release's files",
+                                            RELEASE_DOC, add_release_arguments, run_release)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from healthgpt.cli import subcommand
+
+from healthgpt.cli import CLIError, subcommand
 
 __all__ = ["add_data_arguments", "run_data", "register"]
 
@@ -29,7 +30,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     c.add_argument("--lang", default="en", help="slake: question language to keep ('all' for every language)")
     c.add_argument("--direction", default="both", choices=("ct2mr", "mr2ct", "both"), help="synthrad2023")
     c.add_argument("--regions", default="brain,pelvis", help="synthrad2023: comma-separated")
-    c.add_argument("--ct-window", default=None, help="synthrad2023: LEVEL,WIDTH in HU (default per region)")
+    c.add_argument("--ct-window", default=None,
+                   help="synthrad2023: CENTER,WIDTH in HU, DICOM's linear VOI window (default per region)")
     c.add_argument("--modalities", default="T1,T2,PD", help="ixi: comma-separated")
     c.add_argument("--factor", type=int, default=4, help="ixi: downsampling factor of the low-resolution input")
     c.add_argument("--stride", type=int, default=None, help="synthrad2023/ixi: keep every N-th eligible slice")
@@ -48,17 +50,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def run_data(args: argparse.Namespace) -> int:
-    from healthgpt.data.format import DataError
-
+def _ct_window(text: str) -> tuple:
     try:
-        return _run(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"healthgpt data: error: {e}", file=sys.stderr)
-        return 2
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"--ct-window must be CENTER,WIDTH (two numbers), got {text!r}") from None
+    return center, width
 
 
-def _run(args) -> int:
+def run_data(args: argparse.Namespace) -> int:
+    """Run ``healthgpt data``; errors are raised (``healthgpt.cli.run_guarded`` reports them).
+    The modules doing the work are imported here, not at the top (``healthgpt.cli``: start-up)."""
     if args.data_command == "convert":
         from healthgpt.data import converters
 
@@ -70,8 +72,7 @@ def _run(args) -> int:
         if args.dataset == "synthrad2023":
             kw.update(direction=args.direction, regions=tuple(r for r in args.regions.split(",") if r))
             if args.ct_window:
-                level, width = (float(v) for v in args.ct_window.split(","))
-                kw["ct_window"] = (level, width)
+                kw["ct_window"] = _ct_window(args.ct_window)
         if args.dataset == "ixi":
             kw.update(modalities=tuple(m for m in args.modalities.split(",") if m), factor=args.factor)
         if args.dataset in ("synthrad2023", "ixi"):
@@ -108,10 +109,11 @@ def _run(args) -> int:
         tasks = [s.task for s in samples]
         print(f"  comp {tasks.count('comp')}, gen {tasks.count('gen')}")
         return 0 if not report.skipped else 1
-    raise ValueError(f"unknown data command {args.data_command!r}")
+    raise CLIError(f"unknown data command {args.data_command!r}")
 
 
-register, main = subcommand('data', 'convert datasets, build the sample set, check training files', __doc__, add_data_arguments, run_data)
+register, main = subcommand("data", "convert datasets, build the sample set, check training files", __doc__,
+                            add_data_arguments, run_data)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ from pathlib import Path
 
 from healthgpt.evaluation.data import BENCHMARKS, load_samples
 from healthgpt.evaluation.llava_med import load_candidates
+from healthgpt.evaluation.model_adapter import callables_from_model
 from healthgpt.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from healthgpt.evaluation.report import bench_tables, combined_tables
 from healthgpt.evaluation.runner import PREDICTIONS, default_image_loader, read_predictions, run_image, run_text
 from healthgpt.evaluation.scoring import LPIPS_UNAVAILABLE, score_image_rows, score_text_rows
-from healthgpt.cli import subcommand
+from healthgpt.cli import TINY_WARNING, CLIError, add_model_arguments, model_from_args, subcommand
 
 __all__ = ["add_eval_arguments", "run_eval", "register", "main"]
 
@@ -42,11 +43,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     src.add_argument("--combine", nargs="+", metavar="DIR",
                      help="print the paper tables from the summary.json of earlier runs")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--weights", help="HealthGPT weights folder (omitted: tiny random preset)")
+    add_model_arguments(parser)  # --weights, --device, --seed
     parser.add_argument("--model-name", help="row label in the tables (default: weights folder name)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="score only the first N samples")
-    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--open-scoring", choices=("auto", "recall", "choice"), default="auto",
                         help="VQA open questions: token recall (LLaVA-Med) or multiple choice; "
@@ -63,7 +63,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="local LPIPS weights: backbone (torchvision alexnet/vgg16) and linear layers")
     parser.add_argument("--no-panels", action="store_true", help="image tasks: skip the PNG panels")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -73,9 +72,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _err(msg: str) -> int:
-    print(f"healthgpt eval: error: {msg}", file=sys.stderr)
-    return 2
+def _err(msg: str):
+    """A usage error, raised for ``healthgpt.cli.run_guarded`` to report (exit status 2)."""
+    raise CLIError(msg)
 
 
 def _combine(args) -> int:
@@ -143,10 +142,9 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
             return _err(f"{args.data}: no samples")
         need = generate_batch if spec.family == "image" else answer_batch
         if need is None:
-            from healthgpt.evaluation.model_adapter import TINY_WARNING, build_model, callables_from_model
             if not args.weights:
                 notes.append(TINY_WARNING)
-            model = build_model(args.weights, args.device, seed=args.seed)
+            model = model_from_args(args)
             answer_batch, generate_batch = callables_from_model(model, args.max_new_tokens)
         runner = run_image if spec.family == "image" else run_text
         fn = generate_batch if spec.family == "image" else answer_batch

@@ -1,4 +1,4 @@
-"""``healthgpt answer`` and ``healthgpt generate``."""
+"""``healthgpt answer`` and ``healthgpt generate``: one request to a model from ``--weights``."""
 
 from __future__ import annotations
 
@@ -12,18 +12,30 @@ from healthgpt.cli import (
     decoding_kwargs,
     image_from_args,
     model_from_args,
+    subcommand,
 )
 
+__all__ = ["register_answer", "register_generate", "run_answer", "run_generate"]
 
-def register_answer(subparsers) -> None:
-    p = subparsers.add_parser("answer", help="answer a question about an image (comprehension)")
+ANSWER_DOC = """Answer a question about an image (comprehension).
+
+    healthgpt answer --weights WEIGHTS --image scan.dcm --question "What abnormality is shown?"
+    healthgpt answer --weights WEIGHTS --image ct.nii.gz --slice 40 --window 40 400 --question "Which organ?"
+"""
+
+GENERATE_DOC = """Generate an image from an image and/or an instruction (generation).
+
+    healthgpt generate --weights WEIGHTS --image ct.png --instruction "Convert this CT slice to MRI." --out mri.png
+"""
+
+
+def add_answer_arguments(p) -> None:
     p.add_argument("--image", help="PNG/JPEG, DICOM or NIfTI file (omit for a text-only question)")
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_model_arguments(p)
     add_image_arguments(p)
     add_decoding_arguments(p)
-    p.set_defaults(func=run_answer)
 
 
 def run_answer(args) -> int:
@@ -33,15 +45,13 @@ def run_answer(args) -> int:
     return 0
 
 
-def register_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate an image from an image and/or an instruction")
+def add_generate_arguments(p) -> None:
     p.add_argument("--image", help="input PNG/JPEG, DICOM or NIfTI file (omit for text-to-image)")
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True, help="output image path (format from the extension, e.g. .png)")
     add_model_arguments(p)
     add_image_arguments(p)
     add_decoding_arguments(p)
-    p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
@@ -53,3 +63,9 @@ def run_generate(args) -> int:
     model.generate_image(image, args.instruction, **decoding_kwargs(args)).save(args.out)
     print(args.out)
     return 0
+
+
+register_answer, main_answer = subcommand("answer", "answer a question about an image (comprehension)", ANSWER_DOC,
+                                          add_answer_arguments, run_answer)
+register_generate, main_generate = subcommand("generate", "generate an image from an image and/or an instruction",
+                                              GENERATE_DOC, add_generate_arguments, run_generate)

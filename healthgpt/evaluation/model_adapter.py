@@ -1,35 +1,11 @@
-"""The thin layer between ``healthgpt.HealthGPT`` and the runner's two callables."""
+"""The thin layer between ``healthgpt.HealthGPT`` and the runner's two callables (the model itself
+comes from ``healthgpt.cli.model_from_args``, the one place a model is built from ``--weights``)."""
 
 from __future__ import annotations
 
 import inspect
-import warnings
 
-__all__ = ["build_model", "callables_from_model", "TINY_WARNING"]
-
-TINY_WARNING = ("no --weights given: evaluating the tiny preset with random weights; "
-                "the scores are meaningless (use this only to test the pipeline)")
-
-
-def _device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def build_model(weights: str | None = None, device: str | None = "auto", seed: int = 0):
-    """``HealthGPT.from_pretrained(weights)`` (a folder written by ``save_pretrained``), or the
-    tiny preset with random weights (seeded by ``seed``, with a warning)."""
-    import torch
-    import healthgpt
-    if weights:
-        model = healthgpt.HealthGPT.from_pretrained(weights)
-    else:
-        warnings.warn(TINY_WARNING, stacklevel=2)
-        torch.manual_seed(seed)
-        model = healthgpt.HealthGPT(healthgpt.HealthGPTConfig.preset("tiny"))
-    return model.to(_device(device)).eval()
+__all__ = ["callables_from_model"]
 
 
 def _accepts(fn, name: str) -> bool:
