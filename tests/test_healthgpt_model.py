@@ -1,5 +1,8 @@
 """HealthGPT model on the tiny preset: config, vocabulary, samples, forward/backward, the hard router."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ from PIL import Image
 
 import hlora
 from healthgpt import IGNORE_INDEX, IMAGE_TOKEN_INDEX, HealthGPT, HealthGPTConfig
-from healthgpt.model.config import TINY_PHI3, _plugins
+from healthgpt.model.config import CONFIG_NAME, TINY_PHI3, _plugins
 from healthgpt.model.tokenizer import load_base_tokenizer
 
 
@@ -61,13 +64,36 @@ def test_presets_and_overrides():
     assert l14.template == "phi4" and l14.llm_config["hidden_size"] == 5120 and l14.plugins["comp"]["rank"] == 32
     custom = HealthGPTConfig.preset("m3", visual_layers={"comp": -3, "gen": 2}, dtype="float32")
     assert custom.visual_layers["comp"] == -3 and custom.dtype == "float32"
-    assert HealthGPTConfig.from_dict(custom.to_dict()) == HealthGPTConfig.from_dict(custom.to_dict())
     with pytest.raises(ValueError, match="unknown preset"):
         HealthGPTConfig.preset("xl")
     with pytest.raises(ValueError, match="unknown HealthGPTConfig fields"):
         HealthGPTConfig.preset("tiny", lora_rank=3)
     with pytest.raises(ValueError, match="tasks"):
         HealthGPTConfig.preset("tiny", visual_layers={"comp": -2})
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
+
+
+def test_config_save_then_load_keeps_every_field(tmp_path):
+    """The file ``save_pretrained`` writes (``to_json`` as ``CONFIG_NAME``), loaded back, equals the
+    original field by field, non-default values included."""
+    plugins = _plugins(12, 20, dropout=0.05)
+    plugins["gen"]["num_experts"] = 2
+    original = HealthGPTConfig.preset("m3", visual_layers={"comp": -3, "gen": 2}, dtype="float32", plugins=plugins,
+                                      attn_implementation="eager", llm_path="/models/phi3", template="phi4")
+    default = HealthGPTConfig.preset("m3")
+    changed = [f.name for f in dataclasses.fields(HealthGPTConfig) if getattr(original, f.name) != getattr(default, f.name)]
+    assert set(changed) == {"visual_layers", "dtype", "plugins", "attn_implementation", "llm_path", "template"}
+    (tmp_path / CONFIG_NAME).write_text(original.to_json())
+    loaded = HealthGPTConfig.load(tmp_path)
+    assert loaded is not original
+    for f in dataclasses.fields(HealthGPTConfig):  # JSON has no tuples: (128, 256) comes back as [128, 256]
+        assert _as_json(getattr(loaded, f.name)) == _as_json(getattr(original, f.name)), f.name
+    assert loaded.plugins["gen"]["num_experts"] == 2 and loaded.visual_layers == {"comp": -3, "gen": 2}
+    with pytest.raises(FileNotFoundError, match="not a HealthGPT weights directory"):
+        HealthGPTConfig.load(tmp_path / "elsewhere")
 
 
 def test_structure(model):
