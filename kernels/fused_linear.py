@@ -267,12 +267,9 @@ def _gemm_kernel(
 # launch the tuner may give it (the compile gate, tests/test_kernel_compile.py, checks).
 GEMM_TILES = [
     (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (128, 32, 64, 4, 4),
 ]
 # rank-space outputs (UL: N = R + K; dA/drouter: M = R + K) use tiles no larger than these
 _RANK_SIDE_MAX = 128
@@ -431,7 +428,6 @@ DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages)
     (256, 64, 64, 8, 3),
     (128, 64, 128, 8, 3),
     (128, 64, 64, 4, 3),
-    (64, 64, 128, 4, 3),
 ]
 
 
