@@ -471,6 +471,15 @@ def mix_ratio(plan: Callable, proj: str, device: Device, launch_us: float = LAUN
     return plan_us(plan(mixed_problem(proj)), device, launch_us) / single
 
 
+def break_even_efficiency(prob: Problem, other: Callable, device: Device, launch_us: float = LAUNCH_US) -> float:
+    """The fraction of the roofline the Triton y / dx GEMMs of the fused plan must reach for it to tie
+    with ``other`` (whose GEMMs run at the roofline: cuBLAS is the anchor)."""
+    fused = fused_plan(prob)
+    big = sum(l.seconds(device) for l in fused if l.role in ("y_fused", "dx_fused")) * 1e6
+    rest = plan_us(fused, device, launch_us) - big
+    return big / (plan_us(other(prob), device, launch_us) - rest)
+
+
 def _row(kernel, provider, x, us, device, version):
     return dict(kernel=kernel, provider=provider, mode="fwd+bwd", x=x, median=f"{us:.2f}", p20="", p80="",
                 gpu=f"{device.name} roofline", version=version)
@@ -536,6 +545,19 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
                 vals.append(num / den)
             cells.append(f"{vals[0]:.3f} / {vals[1]:.3f}")
         out.append(f"| {plugin.rank} | " + " | ".join(cells) + " |")
+    out.append("")
+    # what the measured GEMM rows of gpu_check.sh decide
+    out.append("Efficiency (fraction of the roofline) the fused strategy's Triton y / dx GEMMs must reach to tie with "
+               "a plan whose GEMMs run on cuBLAS at the roofline, H200; `triton_gemm` / `cublas_gemm` rows of "
+               "gpu_check.sh measure it.\n")
+    rivals = ("hlora_cublas", "hlora_cublas_beta1", "peft_lora")
+    out.append("| projection | R | " + " | ".join(f"vs {name}" for name in rivals) + " | measured cublas / triton ms |")
+    out.append("|---|---|" + "---|" * len(rivals) + "---|")
+    for proj in PROJECTIONS:
+        for plugin in (COMP, GEN):
+            prob = problem(proj, plugin)
+            cells = [f"{break_even_efficiency(prob, PLANS[name], H200, launch_us):.1%}" for name in rivals]
+            out.append(f"| {proj} | {plugin.rank} | " + " | ".join(cells) + " | |")
     out.append("")
     # k sweep
     out.append(f"Experts at fixed total rank (R=64, r = 64 / k), H200, ratio to the base; goal on a card: k=32 within 5% of k=2.\n")

@@ -85,6 +85,12 @@ def test_hlora_plans_do_at_least_the_flop_floor(plan):
     assert sum(l.flops for l in plan(p)) >= floor * (1 - 1e-12)
 
 
+def test_break_even_efficiency_is_one_against_itself_and_lower_against_a_slower_plan():
+    p = rl.Problem(T, D, N, (rl.Plugin(40, 4),))
+    assert rl.break_even_efficiency(p, rl.fused_plan, DEV, 0.0) == pytest.approx(1.0)
+    assert rl.break_even_efficiency(p, rl.peft_lora_plan, DEV, 0.0) < 1.0
+
+
 def test_grouped_mixed_batch_does_the_mean_of_the_single_plugin_work_and_masked_does_more():
     a, b = rl.Plugin(16, 2), rl.Plugin(48, 4)
     mixed = rl.Problem(T, D, N, (rl.Plugin(16, 2, 0.5), rl.Plugin(48, 4, 0.5)))
