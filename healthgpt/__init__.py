@@ -7,7 +7,7 @@
 """
 
 from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
-from healthgpt.model.config import PRESETS, HealthGPTConfig
+from healthgpt.model.config import MODEL_PRESETS, HealthGPTConfig
 from healthgpt.model.vq_convert import convert_taming_checkpoint
 from healthgpt.data.images import ImageLoadError, load_image
 from healthgpt.model.healthgpt import HealthGPT
@@ -18,7 +18,7 @@ from healthgpt.model.vq import VQConfig, VQTokenizer
 __all__ = [
     "HealthGPT",
     "HealthGPTConfig",
-    "PRESETS",
+    "MODEL_PRESETS",
     "TASKS",
     "load_image",
     "ImageLoadError",

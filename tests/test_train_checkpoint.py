@@ -1,5 +1,6 @@
 """A kill in the middle of a checkpoint save leaves the previous checkpoint whole, loadable and resumable."""
 
+import inspect
 import json
 import os
 import signal
@@ -10,11 +11,12 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from healthgpt.model.config import TINY_VQ
-from healthgpt.training.run import train_stage
-from healthgpt.training.trainer import STAGING_PREFIX, TRAINABLE_FILE
+from healthgpt.training.run import TrainArguments, train_stage
+from healthgpt.training.trainer import STAGING_PREFIX, TRAINABLE_FILE, AtomicCheckpoints, HealthGPTTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -25,7 +27,7 @@ WORKER = textwrap.dedent("""
     import os, signal, sys
     import torch
     from healthgpt.model.config import TINY_VQ
-    from healthgpt.training.run import train_stage
+    from healthgpt.training.run import TrainArguments, train_stage
 
     out, data, cache = sys.argv[1:4]
     real_save = torch.save
@@ -39,10 +41,10 @@ WORKER = textwrap.dedent("""
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save_then_die
-    train_stage(stage=3, task="mixed", data=data, output=out, preset="tiny",
-                model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)},
-                max_steps=6, global_batch_size=4, per_device_batch_size=4, save_steps=2, logging_steps=1,
-                cache_dir=cache, quiet=True, seed=0)
+    train_stage(TrainArguments(stage=3, task="mixed", data=data, output=out, preset="tiny", max_steps=6,
+                               global_batch_size=4, per_device_batch_size=4, save_steps=2, logging_steps=1,
+                               cache_dir=cache, seed=0),
+                model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)}, quiet=True)
 """)
 
 
@@ -72,9 +74,10 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(env, tmp_path):
     torch.load(prev / "optimizer.pt", weights_only=True)  # whole
 
     # resuming (a fresh model built the same way) continues from checkpoint-2 and finishes the run
-    res = train_stage(stage=3, task="mixed", data=env["data"], output=str(out), preset="tiny", model_overrides=MICRO,
-                      max_steps=6, global_batch_size=4, per_device_batch_size=4, save_steps=2, logging_steps=1,
-                      cache_dir=env["cache"], quiet=True, seed=0, resume=True)
+    res = train_stage(TrainArguments(stage=3, task="mixed", data=env["data"], output=str(out), preset="tiny",
+                                     max_steps=6, global_batch_size=4, per_device_batch_size=4, save_steps=2,
+                                     logging_steps=1, cache_dir=env["cache"], seed=0, resume="auto"),
+                      model_overrides=MICRO, quiet=True)
     assert res.steps == 6 and res.summary["resumed_from"] == str(prev)
     assert not any(name.startswith(STAGING_PREFIX) for name in os.listdir(out))
     assert {"checkpoint-2", "checkpoint-4", "checkpoint-6"} <= set(os.listdir(out))
@@ -96,7 +99,111 @@ def test_failed_save_in_process_keeps_previous_checkpoint(env, tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", flaky)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="disk full"):
-        train_stage(stage=1, task="comp", data=env["data"], output=str(out), preset="tiny", model_overrides=MICRO,
-                    max_steps=4, global_batch_size=4, per_device_batch_size=4, save_steps=2, cache_dir=env["cache"],
-                    quiet=True, seed=0)
+        train_stage(TrainArguments(stage=1, task="comp", data=env["data"], output=str(out), preset="tiny", max_steps=4,
+                                   global_batch_size=4, per_device_batch_size=4, save_steps=2, cache_dir=env["cache"],
+                                   seed=0),
+                    model_overrides=MICRO, quiet=True)
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
+
+
+# ---- the transformers contract the trainer relies on -------------------------------------------------
+# These fail loudly on a transformers version whose Trainer no longer behaves as AtomicCheckpoints,
+# save_model and _load_from_checkpoint assume.
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=8, seq=6):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 97, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _SeesTheSave(TrainerCallback):
+    """Placed before AtomicCheckpoints: at on_save it sees the checkpoint while it is still staged."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.seen = run_dir, []
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        staged = os.path.join(args.output_dir, name)
+        files = set(os.listdir(staged)) if os.path.isdir(staged) else set()
+        saved_step = json.load(open(os.path.join(staged, "trainer_state.json")))["global_step"] if files else None
+        self.seen.append((state.global_step, os.path.basename(args.output_dir), files, saved_step,
+                          os.path.exists(os.path.join(self.run_dir, name))))
+
+
+def _plain_trainer(tiny_model, run_dir, callbacks, **overrides):
+    args = TrainingArguments(output_dir=str(run_dir), per_device_train_batch_size=2, max_steps=4, save_steps=2,
+                             save_strategy="steps", logging_steps=1, report_to="none", use_cpu=True,
+                             disable_tqdm=True, **overrides)
+    return Trainer(model=tiny_model("phi3").train(), args=args, train_dataset=_Rows(), callbacks=callbacks)
+
+
+def test_trainer_saves_whole_checkpoints_into_output_dir_before_on_save(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    seen = _SeesTheSave(str(run))
+    trainer = _plain_trainer(tiny_model, run, [seen, AtomicCheckpoints()], save_total_limit=1)
+    trainer.train()
+    # the Trainer wrote each checkpoint, complete, under the args.output_dir AtomicCheckpoints set at step end,
+    # and called on_save only then; the final folder did not exist until AtomicCheckpoints renamed it
+    assert [(step, where, saved, final) for step, where, _, saved, final in seen.seen] == [
+        (2, f"{STAGING_PREFIX}checkpoint-2", 2, False), (4, f"{STAGING_PREFIX}checkpoint-4", 4, False)]
+    for *_, files, _, _ in seen.seen:
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files
+    # renamed into place, output_dir restored, no staging left, save_total_limit applied to the real folder
+    assert trainer.args.output_dir == str(run)
+    assert sorted(os.listdir(run)) == ["checkpoint-4"]
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-4")
+    assert json.load(open(run / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
+
+
+class _LateSave(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            control.should_save = True
+
+
+class _ForgetsOutputDir(TrainerCallback):
+    """Stands in for a Trainer that saves to the folder it was created with, not args.output_dir."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+    def on_step_end(self, args, state, control, **kwargs):
+        args.output_dir = self.run_dir
+
+
+def test_unstaged_or_misplaced_saves_fail_loudly(tiny_model, tmp_path):
+    with pytest.raises(RuntimeError, match="without AtomicCheckpoints staging it"):
+        _plain_trainer(tiny_model, tmp_path / "a", [AtomicCheckpoints(), _LateSave()]).train()
+    with pytest.raises(RuntimeError, match="did not write checkpoint-2 into args.output_dir"):
+        _plain_trainer(tiny_model, tmp_path / "b", [AtomicCheckpoints(), _ForgetsOutputDir(str(tmp_path / "b"))]).train()
+
+
+def test_private_trainer_api_used_is_still_there(tiny_model, tmp_path):
+    # the only private Trainer methods HealthGPTTrainer overrides, with the signatures it assumes
+    overridden = sorted(n for n in vars(HealthGPTTrainer) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n))
+    assert overridden == ["_load_from_checkpoint"]
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
+    # the label-shift flag HealthGPTTrainer sets is the one this Trainer computes (True for a causal LM)
+    assert _plain_trainer(tiny_model, tmp_path / "c", [])._loss_shifts_labels is True
+    # resuming calls _load_from_checkpoint(path) before training
+    calls = []
+
+    class Spy(Trainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            calls.append(resume_from_checkpoint)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    first = _plain_trainer(tiny_model, tmp_path / "d", [])
+    first.train()
+    again = Spy(model=first.model, args=first.args, train_dataset=_Rows())
+    again.train(resume_from_checkpoint=str(tmp_path / "d" / "checkpoint-2"))
+    assert calls == [str(tmp_path / "d" / "checkpoint-2")] and again.state.global_step == 4

@@ -48,7 +48,7 @@ def test_demo_arguments_and_loss_helper():
 def test_subcommands_register_with_the_healthgpt_cli():
     from healthgpt.cli import build_parser
 
-    parser = build_parser({"train": "healthgpt.training.run:register", "demo": "healthgpt.training.demo:register",
+    parser = build_parser({"train": "healthgpt.cli.train:register", "demo": "healthgpt.training.demo:register",
                            "data": "healthgpt.cli.data:register"})
     args = parser.parse_args(["train", "--stage", "3", "--task", "gen", "--data", "d.json", "--output", "o", "--preset", "m3"])
     assert (args.stage, args.task, args.preset, args.func.__name__) == (3, "gen", "m3", "run_train")

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from healthgpt.model.config import TINY_VQ
-from healthgpt.training.run import train_stage
+from healthgpt.training.run import TrainArguments, train_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -21,16 +21,16 @@ MICRO = {"image_tokenizer_config": dict(TINY_VQ, resolution=32)}
 # (the loss is a token sum over the global token count, so the split over processes must not matter).
 # Dropout off: its random masks would differ between one process and two.
 RUN = dict(stage=3, task="mixed", preset="tiny", max_steps=3, global_batch_size=4, dropout=0.0, save_steps=2,
-           logging_steps=1, quiet=True, seed=0)
+           logging_steps=1, seed=0)
 
 WORKER = textwrap.dedent("""
     import json, sys
     from healthgpt.model.config import TINY_VQ
-    from healthgpt.training.run import train_stage
+    from healthgpt.training.run import TrainArguments, train_stage
 
     out, data, cache, run = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    train_stage(data=data, output=out, cache_dir=cache, per_device_batch_size=2,
-                model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)}, **run)
+    train_stage(TrainArguments(data=data, output=out, cache_dir=cache, per_device_batch_size=2, **run),
+                model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)}, quiet=True)
 """)
 
 
@@ -68,8 +68,8 @@ def test_two_processes_match_one(env, tmp_path):
     assert not [n for n in os.listdir(two) if n.startswith(".staging")]
 
     one = tmp_path / "one"
-    res = train_stage(data=env["data"], output=str(one), cache_dir=env["cache"], per_device_batch_size=4,
-                      model_overrides=MICRO, **RUN)
+    res = train_stage(TrainArguments(data=env["data"], output=str(one), cache_dir=env["cache"], per_device_batch_size=4,
+                                     **RUN), model_overrides=MICRO, quiet=True)
     assert res.summary["processes"] == 1
 
     a, b = _weights(str(one)), _weights(str(two))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from healthgpt.model.config import TINY_VQ, HealthGPTConfig
-from healthgpt.training.run import train_stage
+from healthgpt.training.run import TrainArguments, train_stage
 from healthgpt.training.trainer import TRAINABLE_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
@@ -46,18 +46,19 @@ def test_resume_equals_straight_run(env, tmp_path):
     # stage 3 mixed: both plugins with dropout 0.05 (RNG state matters), warm-up + cosine schedule
     # (scheduler state matters), batch 4 = 2 x 2 accumulation, shuffled data (sampler state matters)
     kw = dict(stage=3, task="mixed", data=env["data"], preset="tiny", max_steps=6, global_batch_size=4,
-              per_device_batch_size=2, save_steps=3, logging_steps=1, cache_dir=env["cache"], quiet=True, seed=3)
+              per_device_batch_size=2, save_steps=3, logging_steps=1, cache_dir=env["cache"], seed=3)
     straight = copy.deepcopy(env["model"])
-    train_stage(output=str(tmp_path / "a"), model=straight, save_final=False, **kw)
+    train_stage(TrainArguments(output=str(tmp_path / "a"), **kw), model=straight, save_final=False, quiet=True)
 
     first = copy.deepcopy(env["model"])
-    train_stage(output=str(tmp_path / "b"), model=first, save_final=False, callbacks=[StopAfterSave(3)], **kw)
+    train_stage(TrainArguments(output=str(tmp_path / "b"), **kw), model=first, save_final=False, quiet=True,
+                callbacks=[StopAfterSave(3)])
     ckpt = tmp_path / "b" / "checkpoint-3"
     assert ckpt.is_dir() and not (tmp_path / "b" / "checkpoint-6").exists()
     saved = load_file(str(ckpt / TRAINABLE_FILE))
     assert set(saved) == set(_trainable(first))  # only the trainable tensors are checkpointed
     resumed = copy.deepcopy(env["model"])  # a fresh process would rebuild the same starting model
-    res = train_stage(output=str(tmp_path / "b"), model=resumed, resume=True, **kw)
+    res = train_stage(TrainArguments(output=str(tmp_path / "b"), resume="auto", **kw), model=resumed, quiet=True)
     assert res.steps == 6 and res.summary["resumed_from"].endswith("checkpoint-3")
 
     a, b = _trainable(straight), _trainable(resumed)

@@ -10,8 +10,8 @@ from transformers import TrainerCallback
 
 import hlora
 from healthgpt.model.config import TINY_VQ, HealthGPTConfig
-from healthgpt.training import PRESETS, apply_stage, plan_stage
-from healthgpt.training.run import TrainError, train_stage
+from healthgpt.training import STAGE_HPARAMS, TrainArguments, TrainError, apply_stage, plan_stage
+from healthgpt.training.run import train_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -56,9 +56,10 @@ def test_stage_trains_only_its_parts(env, tmp_path, stage, task):
             if ".plugins." in name and name.endswith(".B"):
                 p.normal_(0, 0.02)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_stage(stage=stage, task=task, data=env["data"], output=str(tmp_path / "out"), model=model, preset="tiny",
-                max_steps=1, global_batch_size=8, per_device_batch_size=8, scheduler="constant", warmup_ratio=0.0,
-                save_steps=1000, save_final=False, cache_dir=env["cache"], quiet=True)
+    train_stage(TrainArguments(stage=stage, task=task, data=env["data"], output=str(tmp_path / "out"), preset="tiny",
+                               max_steps=1, global_batch_size=8, per_device_batch_size=8, scheduler="constant",
+                               warmup_ratio=0.0, save_steps=1000, cache_dir=env["cache"]),
+                model=model, save_final=False, quiet=True)
     after = model.state_dict()
     parts = EXPECTED[(stage, task)]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -73,14 +74,14 @@ def test_stage_trains_only_its_parts(env, tmp_path, stage, task):
 
 
 def test_table7_hyperparameters():
-    m3 = PRESETS["m3"]
+    m3 = STAGE_HPARAMS["m3"]
     assert (m3[(1, "comp")].projector_lr, m3[(1, "comp")].lr, m3[(1, "comp")].global_batch_size, m3[(1, "comp")].dropout) == (1e-3, None, 256, 0.0)
     assert (m3[(1, "gen")].projector_lr, m3[(1, "gen")].lr, m3[(1, "gen")].global_batch_size) == (2e-5, 2e-4, 64)
     assert (m3[(2, "mixed")].lr, m3[(2, "mixed")].global_batch_size, m3[(2, "mixed")].scheduler) == (2e-4, 32, "constant")
     assert [m3[(3, t)].global_batch_size for t in ("comp", "gen")] == [128, 64]
     assert all(h.weight_decay == 0 and h.max_length == 2048 for h in m3.values())
     assert {h.scheduler for k, h in m3.items() if k[0] != 2} == {"cosine"}
-    assert PRESETS["l14"][(1, "gen")].lr == 1e-4
+    assert STAGE_HPARAMS["l14"][(1, "gen")].lr == 1e-4
     with pytest.raises(ValueError, match="stage 2 trains the shared fusion layer"):
         plan_stage(2, "comp", "m3")
 
@@ -99,9 +100,10 @@ class _Capture(TrainerCallback):
 def test_separate_learning_rates_and_schedule(env, tmp_path, stage, task, rates):
     model = copy.deepcopy(env["model"])
     cap = _Capture()
-    train_stage(stage=stage, task=task, data=env["data"], output=str(tmp_path / "out"), model=model, preset="m3",
-                max_steps=1, global_batch_size=8, per_device_batch_size=8, save_steps=1000, save_final=False,
-                cache_dir=env["cache"], quiet=True, callbacks=[cap])
+    train_stage(TrainArguments(stage=stage, task=task, data=env["data"], output=str(tmp_path / "out"), preset="m3",
+                               max_steps=1, global_batch_size=8, per_device_batch_size=8, save_steps=1000,
+                               cache_dir=env["cache"]),
+                model=model, save_final=False, quiet=True, callbacks=[cap])
     # the optimizer's groups carry the m3 rates (the scheduler scales them all alike)
     assert {name: lr for name, (lr, _, _) in cap.groups.items()} == rates
     assert all(wd == 0.0 for _, wd, _ in cap.groups.values())
@@ -118,32 +120,37 @@ def test_separate_learning_rates_and_schedule(env, tmp_path, stage, task, rates)
 def test_output_guards(env, tmp_path):
     out = str(tmp_path / "out")
     kw = dict(data=env["data"], output=out, preset="tiny", max_steps=2, global_batch_size=8, per_device_batch_size=8,
-              save_steps=1, save_final=False, cache_dir=env["cache"], quiet=True)
+              save_steps=1, cache_dir=env["cache"])
+
+    def run(**args):
+        return train_stage(TrainArguments(**{**kw, **args}), model=copy.deepcopy(env["model"]), save_final=False, quiet=True)
+
     with pytest.raises(TrainError, match="--resume: no complete checkpoint"):
-        train_stage(stage=1, task="comp", model=copy.deepcopy(env["model"]), resume=True, **kw)
-    train_stage(stage=1, task="comp", model=copy.deepcopy(env["model"]), **kw)
+        run(stage=1, task="comp", resume=True)
+    run(stage=1, task="comp")
     with pytest.raises(TrainError, match="pass --resume to continue it or --overwrite"):
-        train_stage(stage=1, task="comp", model=copy.deepcopy(env["model"]), **kw)
+        run(stage=1, task="comp")
     with pytest.raises(TrainError, match=r"differs from the one .* in \['stage'"):
-        train_stage(stage=3, task="comp", model=copy.deepcopy(env["model"]), resume=True, **kw)
+        run(stage=3, task="comp", resume=True)
     with pytest.raises(TrainError, match="needs --task"):
-        train_stage(stage=3, model=copy.deepcopy(env["model"]), **kw)
+        run(stage=3)
     with pytest.raises(TrainError, match="not a multiple"):
-        train_stage(stage=1, task="comp", model=copy.deepcopy(env["model"]), **{**kw, "per_device_batch_size": 3, "overwrite": True})
+        run(stage=1, task="comp", per_device_batch_size=3, overwrite=True)
 
 
 def test_gradient_checkpointing_gives_the_same_step(env, tmp_path):
     kw = dict(stage=3, task="mixed", data=env["data"], preset="tiny", max_steps=1, global_batch_size=8,
               per_device_batch_size=8, dropout=0.0, scheduler="constant", warmup_ratio=0.0, save_steps=1000,
-              save_final=False, cache_dir=env["cache"], quiet=True)
+              cache_dir=env["cache"])
     plain, ckpt = copy.deepcopy(env["model"]), copy.deepcopy(env["model"])
     for m in (plain, ckpt):
         with torch.no_grad():
             for name, p in m.named_parameters():
                 if ".plugins." in name and name.endswith(".B"):
                     p.copy_(torch.linspace(-0.02, 0.02, p.numel()).view_as(p))
-    train_stage(output=str(tmp_path / "a"), model=plain, **kw)
-    train_stage(output=str(tmp_path / "b"), model=ckpt, gradient_checkpointing=True, **kw)
+    train_stage(TrainArguments(output=str(tmp_path / "a"), **kw), model=plain, save_final=False, quiet=True)
+    train_stage(TrainArguments(output=str(tmp_path / "b"), gradient_checkpointing=True, **kw), model=ckpt,
+                save_final=False, quiet=True)
     on = lambda m: getattr(m, "is_activation_checkpointing", getattr(m, "is_gradient_checkpointing", None))  # noqa: E731
     assert on(ckpt) is True and on(plain) is False
     a, b = plain.state_dict(), ckpt.state_dict()
@@ -151,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_step(env, tmp_path):
 
 
 def test_train_cli(env, tmp_path, capsys):
-    from healthgpt.training.run import main
+    from healthgpt.cli.train import main
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "r0", "image": "missing.png", "task": "comp",
@@ -174,3 +181,30 @@ def test_train_cli(env, tmp_path, capsys):
     rc = main(["--stage", "1", "--task", "comp", "--data", env["data"], "--output", str(tmp_path / "ds"), "--preset", "tiny",
                "--deepspeed", "no-such-config.json"])
     assert rc == 2 and "no such config file" in capsys.readouterr().err
+
+
+def test_train_arguments_from_the_command_line(capsys):
+    from healthgpt.cli import build_parser
+    from healthgpt.cli.train import main, train_arguments
+
+    parser = build_parser({"train": "healthgpt.cli.train:register"})
+    args = parser.parse_args(["train", "--stage", "3", "--task", "mixed", "--data", "train.json", "--output", "DIR",
+                              "--init", "S2", "--preset", "m3", "--model-preset", "tiny", "--global-batch-size", "8",
+                              "--lr", "3e-4", "--bf16", "--no-progress", "--resume"])
+    assert train_arguments(args) == TrainArguments(stage=3, task="mixed", data="train.json", output="DIR", init="S2",
+                                                   preset="m3", model_preset="tiny", global_batch_size=8, lr=3e-4,
+                                                   bf16=True, progress=False, resume="auto")
+    stage2 = train_arguments(parser.parse_args(["train", "--stage", "2", "--data", "d", "--output", "o", "--resume", "ck"]))
+    assert (stage2.task, stage2.resume, stage2.progress, stage2.seed, stage2.save_steps) == ("mixed", "ck", True, 42, 500)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "hyperparameters (STAGE_HPARAMS)" in help_text and "architecture (MODEL_PRESETS)" in help_text
+    for bad in (["--stage", "4"], ["--stage", "1", "--preset", "xl"], ["--stage", "1", "--task", "both"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--data", "d", "--output", "o", *bad])
+    # the Python API checks what argparse would
+    with pytest.raises(TrainError, match="stage 1 needs --task"):
+        TrainArguments(stage=1, data="d", output="o")
+    with pytest.raises(TrainError, match="unknown --model-preset 'xl'"):
+        TrainArguments(stage=1, task="comp", data="d", output="o", model_preset="xl")

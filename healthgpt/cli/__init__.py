@@ -33,28 +33,33 @@ SUBCOMMANDS = {
     "convert-vqgan": "healthgpt.cli.convert:register_vqgan",
     "convert-release": "healthgpt.cli.convert:register_release",
     "eval": "healthgpt.cli.eval:register",
-    "train": "healthgpt.training.run:register",
+    "train": "healthgpt.cli.train:register",
     "demo": "healthgpt.training.demo:register",
     "data": "healthgpt.cli.data:register",
 }
 """subcommand name -> ``"module:function"``; the function takes the argparse subparsers object."""
 
 
-def subcommand(name: str, help: str, doc: str, add_arguments, run):
+def subcommand(name: str, help: str, doc: str, add_arguments, run, parents: tuple = ()):
     """-> ``(register, main)`` for a subcommand whose module has ``add_arguments(parser)`` and
     ``run(args) -> int``: ``register`` goes into ``SUBCOMMANDS``, ``main(argv)`` runs it on its own
-    (``python -m``, as torchrun needs). The module docstring's first line describes it; the rest is the epilog."""
-    texts = dict(description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (``python -m``, as torchrun needs). The module docstring's first line describes it; the rest is the epilog.
+    ``parents``: argparse parent parsers whose options it takes too (e.g. a ``transformers.HfArgumentParser``
+    of a dataclass, made with ``add_help=False``); ``add_arguments`` may then be None."""
+    texts = dict(description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                 parents=list(parents))
 
     def register(subparsers) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help, **texts)
-        add_arguments(parser)
+        if add_arguments is not None:
+            add_arguments(parser)
         parser.set_defaults(func=run)
         return parser
 
     def main(argv=None) -> int:
         parser = argparse.ArgumentParser(prog=f"healthgpt {name}", **texts)
-        add_arguments(parser)
+        if add_arguments is not None:
+            add_arguments(parser)
         return run_guarded(run, parser.parse_args(argv))
 
     return register, main

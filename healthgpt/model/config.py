@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from healthgpt.constants import TASKS
 
-__all__ = ["HealthGPTConfig", "PRESETS", "CONFIG_NAME"]
+__all__ = ["HealthGPTConfig", "MODEL_PRESETS", "CONFIG_NAME"]
 
 CONFIG_NAME = "healthgpt_config.json"
 
@@ -129,12 +129,12 @@ class HealthGPTConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "HealthGPTConfig":
         """``m3`` (CLIP ViT-L/14-336 + Phi-3-mini), ``l14`` (+ phi-4) or ``tiny``, with ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(MODEL_PRESETS)}")
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown HealthGPTConfig fields {sorted(unknown)}")
-        data = copy.deepcopy(PRESETS[name])
+        data = copy.deepcopy(MODEL_PRESETS[name])
         data.update(overrides)
         return cls(**data)
 
@@ -164,7 +164,7 @@ class HealthGPTConfig:
             return cls.from_dict(json.load(f))
 
 
-PRESETS = {
+MODEL_PRESETS = {
     "m3": dict(
         template="phi3", llm_config=PHI3_MINI_4K, vision_config=CLIP_VIT_L14_336,
         image_tokenizer_config=VQGAN_OPENIMAGES_F8_8192, plugins=_plugins(64, 256), dtype="bfloat16",
@@ -178,5 +178,6 @@ PRESETS = {
         plugins=_plugins(8, 16), dtype="float32",
     ),
 }
-"""Preset name -> ``HealthGPTConfig`` fields. Real presets have no paths: set ``llm_path``,
+"""Model architecture presets (``--model-preset``): name -> ``HealthGPTConfig`` fields. The training
+hyperparameters of the same names are ``healthgpt.training.presets.STAGE_HPARAMS``. Real presets have no paths: set ``llm_path``,
 ``vision_path`` and ``image_tokenizer_path`` to local checkpoints (random weights otherwise)."""

@@ -1,7 +1,7 @@
-"""``python -m healthgpt.training --stage ...`` (what torchrun / accelerate launch run)."""
+"""``python -m healthgpt.training --stage ...`` (what torchrun / accelerate launch run): ``healthgpt train``."""
 
 import sys
 
-from healthgpt.training.run import main
+from healthgpt.cli.train import main
 
 sys.exit(main())

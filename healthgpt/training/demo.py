@@ -94,7 +94,7 @@ def demo(out: str = "healthgpt-demo", steps: int = 30, image_size: int = 64, cac
 
     from healthgpt.model.config import TINY_VQ
     from healthgpt.data.samples import build_sample_set, default_cache_dir
-    from healthgpt.training.run import train_stage
+    from healthgpt.training.run import TrainArguments, train_stage
     from healthgpt.training.trainer import read_loss_log
 
     cache_dir = cache_dir or default_cache_dir()
@@ -109,10 +109,10 @@ def demo(out: str = "healthgpt-demo", steps: int = 30, image_size: int = 64, cac
         t = time.time()
         output = os.path.join(out, f"stage{stage}")
         log(f"[demo] stage {stage} ({task}) on {data_name}.json: {steps} steps ...")
-        res = train_stage(stage=stage, task=task, data=getattr(samples, data_name), output=output, init=init,
-                          preset="tiny", model_overrides=overrides if init is None else None, max_steps=steps,
-                          logging_steps=1, save_steps=max(1, steps // 2), save_total_limit=1, seed=seed,
-                          cache_dir=cache_dir, overwrite=True, progress=progress, quiet=not progress)
+        args = TrainArguments(stage=stage, task=task, data=getattr(samples, data_name), output=output, init=init,
+                              preset="tiny", max_steps=steps, logging_steps=1, save_steps=max(1, steps // 2),
+                              save_total_limit=1, seed=seed, cache_dir=cache_dir, overwrite=True, progress=progress)
+        res = train_stage(args, model_overrides=overrides if init is None else None, quiet=not progress)
         rows = read_loss_log(output)
         first, last = loss_fell(rows)
         per_task = {t_: loss_fell(rows, f"loss_{t_}") for t_ in ("comp", "gen")}

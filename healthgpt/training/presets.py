@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["StageHParams", "PRESETS", "get_hparams", "stage_keys"]
+__all__ = ["StageHParams", "STAGE_HPARAMS", "get_hparams", "stage_keys"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _table(rows: dict, batches=(256, 64, 32, 128, 64), warmup: float = 0.03, max
     return out
 
 
-PRESETS = {
+STAGE_HPARAMS = {
     "m3": _table({
         "projector_lr": (1e-3, 2e-5, 2e-5, 2e-5, 2e-5),
         "lr": (None, 2e-4, 2e-4, 2e-4, 2e-4),
@@ -79,7 +79,8 @@ PRESETS = {
         "dropout": (0.0, 0.05, 0.05, 0.05, 0.05),
     }, batches=(4, 4, 4, 4, 4), warmup=0.1),
 }
-"""preset -> (stage, task) -> ``StageHParams``; tasks ``comp``/``gen`` in stages 1 and 3, ``mixed`` in 2."""
+"""Training hyperparameter presets (``--preset``): name -> (stage, task) -> ``StageHParams``. The model
+architectures of the same names are ``healthgpt.model.config.MODEL_PRESETS``. Tasks ``comp``/``gen`` in stages 1 and 3, ``mixed`` in 2."""
 
 
 def stage_keys(stage: int, task: str) -> list:
@@ -98,10 +99,10 @@ def stage_keys(stage: int, task: str) -> list:
 def get_hparams(preset: str, stage: int, task: str, **overrides) -> dict:
     """``{task_or_mixed: StageHParams}`` for the run: one entry per table column it uses, each with
     ``overrides`` (fields of ``StageHParams`` that are not None) applied."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown training preset {preset!r}; presets: {sorted(PRESETS)}")
+    if preset not in STAGE_HPARAMS:
+        raise ValueError(f"unknown training preset {preset!r}; presets: {sorted(STAGE_HPARAMS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(overrides) - set(StageHParams.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
-    return {t: replace(PRESETS[preset][(s, t)], **overrides) for s, t in stage_keys(stage, task)}
+    return {t: replace(STAGE_HPARAMS[preset][(s, t)], **overrides) for s, t in stage_keys(stage, task)}

@@ -39,7 +39,7 @@ class StagePlan:
     projectors: tuple = ()
     plugins: tuple = ()
     fusion: bool = False
-    groups: list = field(default_factory=list)  # [{"name", "lr", "params": [parameter names]}] after apply_stage
+    groups: list = field(default_factory=list)  # [{"name", "lr", "params": [Parameter]}] after apply_stage
     dropout: dict = field(default_factory=dict)  # plugin -> dropout
 
     @property
@@ -78,21 +78,21 @@ def _rate(plan: StagePlan, task: str | None, kind: str) -> float:
 
 def apply_stage(model, plan: StagePlan) -> StagePlan:
     """Freeze ``model`` (a ``HealthGPT``) except what ``plan`` trains, set every plugin's dropout
-    for the stage, and fill ``plan.groups`` with parameter names per learning rate."""
+    for the stage, and fill ``plan.groups`` with the Parameters of each learning rate."""
     model.set_trainable(plugins=plan.plugins, projectors=plan.projectors, fusion=plan.fusion)
-    names = {id(p): n for n, p in model.named_parameters()}
     groups = []
     for t in plan.projectors:
         groups.append({"name": f"projector.{t}", "lr": _rate(plan, t, "projector"),
-                       "params": [names[id(p)] for p in model.projectors[t].parameters()]})
+                       "params": list(model.projectors[t].parameters())})
     for t in plan.plugins:
-        params = [n for n, p in model.named_parameters() if p.requires_grad and f".plugins.{t}." in n]
+        params = [p for n, p in model.named_parameters() if p.requires_grad and f".plugins.{t}." in n]
         groups.append({"name": f"plugin.{t}", "lr": _rate(plan, t, "plugin"), "params": params})
     if plan.fusion:
         emb, head = model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight
-        params = list(dict.fromkeys([names[id(emb)], names[id(head)]]))
+        params = [emb] if head is emb else [emb, head]  # tied embeddings: one tensor
         groups.append({"name": "fusion", "lr": _rate(plan, "mixed", "fusion"), "params": params})
-    grouped = {n for g in groups for n in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = {names.get(id(p), "<not a model parameter>") for g in groups for p in g["params"]}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if grouped != trainable:  # a model change the plan does not know: refuse rather than train silently
         raise RuntimeError(f"trainable parameters outside the stage's groups: {sorted(trainable - grouped)[:5]}; "

@@ -2,15 +2,17 @@
 
 - **Learning rates per parameter group** (``create_optimizer``): the projector and the rest
   (plugins, fusion layer) at their own rates; the scheduler scales every group alike.
-- **Atomic checkpoints** (``_save_checkpoint``): ``checkpoint-N`` is written as
-  ``.staging-checkpoint-N/checkpoint-N`` and renamed into place once complete, so a crash or a
-  kill mid-save leaves the previous checkpoints untouched and never a half-written
-  ``checkpoint-N`` (``get_last_checkpoint`` only sees complete ones). Leftover staging folders are
-  removed on the next start.
-- **Small checkpoints** (``_save``/``_load_from_checkpoint``): without DeepSpeed/FSDP a checkpoint
+- **Atomic checkpoints** (``AtomicCheckpoints``, a ``TrainerCallback`` the trainer adds last):
+  ``checkpoint-N`` is written as ``.staging-checkpoint-N/checkpoint-N`` and renamed into place
+  once complete, so a crash or a kill mid-save leaves the previous checkpoints untouched and never
+  a half-written ``checkpoint-N`` (``get_last_checkpoint`` only sees complete ones). Leftover
+  staging folders are removed on the next start.
+- **Small checkpoints** (``save_model``/``_load_from_checkpoint``): without DeepSpeed/FSDP a checkpoint
   holds only the trainable tensors (``trainable.safetensors``) plus optimizer, scheduler, RNG and
   trainer state; the frozen weights are the run's starting point, rebuilt on resume. DeepSpeed and
-  FSDP checkpoints are their engines' own.
+  FSDP checkpoints are their engines' own. ``_load_from_checkpoint`` is the one private Trainer
+  method overridden here (resuming has no public hook); ``tests/test_train_checkpoint.py`` checks
+  that transformers still calls it with the arguments relied on.
 - **Per-task losses** (``compute_loss``/``log``): mixed batches also log ``loss_comp`` and
   ``loss_gen`` (mean token cross-entropy of each task's samples since the last log).
 
@@ -29,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from hlora import copy_checked
 from hlora.files import atomic_write
 
-__all__ = ["HealthGPTTrainer", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
+__all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
            "clean_staging"]
 
 logger = logging.getLogger(__name__)
@@ -82,10 +84,84 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _barrier(args) -> None:
+    if args.world_size > 1:
+        args.distributed_state.wait_for_everyone()
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """Every ``checkpoint-N`` the Trainer saves appears whole or not at all.
+
+    Through public hooks only: when a step (or epoch) ends with ``control.should_save`` set, the
+    Trainer saves next, into ``args.output_dir/checkpoint-N``; this callback first points
+    ``args.output_dir`` at ``<run>/.staging-checkpoint-N``. ``on_save`` (the Trainer calls it once
+    the checkpoint is complete) points it back, fsyncs the files, renames the folder to
+    ``<run>/checkpoint-N`` and applies ``save_total_limit`` to ``<run>``. A save that fails or is
+    killed leaves only the staging folder (``clean_staging`` removes it on the next start).
+
+    It must come after every callback that sets ``should_save`` (``HealthGPTTrainer`` adds it
+    last). A save it did not stage (``save_strategy="best"``, decided after evaluation) or one the
+    Trainer wrote elsewhere is an error, not a silent non-atomic checkpoint.
+    """
+
+    def __init__(self):
+        self.staged = None  # (the real output_dir, the staging folder) while a save is staged
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.staged is not None:  # an earlier train() died mid-save: undo its redirect
+            args.output_dir, self.staged = self.staged[0], None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stage(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._stage(args, state, control)
+
+    def _stage(self, args, state, control) -> None:
+        if not control.should_save or self.staged is not None:
+            return
+        run_dir = args.output_dir
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier(args)  # no process writes into the staging folder before it exists afresh
+        self.staged = (run_dir, staging)
+        args.output_dir = staging
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.staged is None:
+            raise RuntimeError(f"the Trainer saved checkpoint step {state.global_step} without AtomicCheckpoints staging it "
+                               "(a callback after it set should_save, or save_strategy='best'): it may be half-written")
+        (run_dir, staging), self.staged = self.staged, None
+        args.output_dir = run_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        _barrier(args)  # every process has written its part (RNG states, shards)
+        if args.should_save:
+            if not os.path.isdir(written):
+                raise RuntimeError(f"the Trainer did not write {name} into args.output_dir ({staging}): this transformers "
+                                   f"version saves checkpoints elsewhere, so they cannot be made atomic (and {name} "
+                                   f"may be half-written)")
+            _fsync_tree(written)
+            if os.path.isdir(final):  # the same step saved again (a resumed run): swap it out
+                old = os.path.join(run_dir, f"{STAGING_PREFIX}old-{name}")
+                os.replace(final, old)
+                os.replace(written, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=False)
+        _barrier(args)
+
+
 class HealthGPTTrainer(Trainer):
     """``Trainer`` for one HealthGPT stage (module docstring).
 
-    Args (besides ``Trainer``'s): ``param_groups``: ``[{"name", "lr", "params": [parameter names]}]``
+    Args (besides ``Trainer``'s): ``param_groups``: ``[{"name", "lr", "params": [Parameter]}]``
     (``healthgpt.training.stages.apply_stage`` makes them); ``track_task_losses``: log per-task losses.
     """
 
@@ -99,24 +175,28 @@ class HealthGPTTrainer(Trainer):
         # weigh every supervised token alike. The LLM shifts labels: count labels[..., 1:].
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        self.add_callback(AtomicCheckpoints())  # last: after every callback that may set should_save
 
     # ---- optimizer ------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
+        """One optimizer group per ``param_groups`` entry, at its learning rate; every trainable
+        parameter of the model must be in exactly one (the scheduler scales every group alike)."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        params = dict(opt_model.named_parameters())
+        names = {id(p): n for n, p in opt_model.named_parameters()}
         groups, seen = [], set()
         for g in self.param_groups:
-            missing = [n for n in g["params"] if n not in params]
-            if missing:
-                raise KeyError(f"parameter group {g['name']!r} names parameters the model lacks: {missing[:3]}")
-            ps = [params[n] for n in g["params"] if params[n].requires_grad and id(params[n]) not in seen]
+            foreign = [p for p in g["params"] if id(p) not in names]
+            if foreign:
+                raise RuntimeError(f"parameter group {g['name']!r} holds {len(foreign)} tensor(s) that are not parameters of "
+                                   f"the model being optimised (was it wrapped after the groups were made?)")
+            ps = [p for p in g["params"] if p.requires_grad and id(p) not in seen]
             seen.update(id(p) for p in ps)
             if ps:
                 groups.append({"params": ps, "lr": float(g["lr"]), "weight_decay": self.args.weight_decay, "name": g["name"]})
-        stray = [n for n, p in params.items() if p.requires_grad and id(p) not in seen]
+        stray = [n for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in seen]
         if stray:
             raise RuntimeError(f"trainable parameters in no group (they would not be trained): {stray[:5]}")
         if not groups:
@@ -172,50 +252,12 @@ class HealthGPTTrainer(Trainer):
     def _engine_checkpoints(self) -> bool:
         return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write ``checkpoint-N`` under a staging folder, then rename it into place (atomic)."""
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
-        final = os.path.join(run_dir, name)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging, exist_ok=True)
-        if self.args.world_size > 1:
-            self.args.distributed_state.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate after the rename
-        original = self._get_output_dir
-        self._get_output_dir = lambda trial=None: staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._get_output_dir = original
-            self.args.save_total_limit = limit
-        if self.args.world_size > 1:
-            self.args.distributed_state.wait_for_everyone()
-        if self.args.should_save:
-            written = os.path.join(staging, name)
-            _fsync_tree(written)
-            if os.path.isdir(final):  # the same step saved again (a resumed run): swap it out
-                old = os.path.join(run_dir, f"{STAGING_PREFIX}old-{name}")
-                os.replace(final, old)
-                os.replace(written, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(written, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(run_dir)
-            if limit is not None:
-                from transformers.trainer_utils import rotate_checkpoints
-
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        if self.args.world_size > 1:
-            self.args.distributed_state.wait_for_everyone()
-
-    def _save(self, output_dir=None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Without DeepSpeed/FSDP: the trainable tensors (``trainable.safetensors``) and the Trainer's
+        arguments only; the frozen weights are the run's starting point. With them: the engine's save.
+        (``HealthGPT.save_pretrained`` writes the whole model.)"""
         if self._engine_checkpoints():
-            return super()._save(output_dir, state_dict)
+            return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
