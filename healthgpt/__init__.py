@@ -6,14 +6,41 @@
     model.generate_image("ct.nii.gz", "Convert this CT slice to MRI.").save("mri.png")
 """
 
-from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
-from healthgpt.model.config import MODEL_PRESETS, HealthGPTConfig
-from healthgpt.model.vq_convert import convert_taming_checkpoint
-from healthgpt.data.images import ImageLoadError, load_image
-from healthgpt.model.healthgpt import HealthGPT
-from healthgpt.model.templates import TEMPLATES
-from healthgpt.model.tokenizer import GenerationVocab
-from healthgpt.model.vq import VQConfig, VQTokenizer
+import importlib
+
+# name -> the module that defines it, imported on first use (PEP 562): `import healthgpt.cli` stays
+# light, so the `healthgpt` command starts, and says what to install, even without hlora[healthgpt].
+_EXPORTS = {
+    "IGNORE_INDEX": "healthgpt.constants",
+    "IMAGE_PLACEHOLDER": "healthgpt.constants",
+    "IMAGE_TOKEN_INDEX": "healthgpt.constants",
+    "TASKS": "healthgpt.constants",
+    "MODEL_PRESETS": "healthgpt.model.config",
+    "HealthGPTConfig": "healthgpt.model.config",
+    "convert_taming_checkpoint": "healthgpt.model.vq_convert",
+    "ImageLoadError": "healthgpt.data.images",
+    "load_image": "healthgpt.data.images",
+    "HealthGPT": "healthgpt.model.healthgpt",
+    "TEMPLATES": "healthgpt.model.templates",
+    "GenerationVocab": "healthgpt.model.tokenizer",
+    "VQConfig": "healthgpt.model.vq",
+    "VQTokenizer": "healthgpt.model.vq",
+}
+_SUBPACKAGES = ("constants", "model", "data", "training", "evaluation", "cli")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"healthgpt.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'healthgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 __all__ = [
     "HealthGPT",

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import re
 import sys
 import warnings
 
@@ -162,8 +164,32 @@ def build_parser(subcommands: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def missing_requirements(extra: str = "healthgpt") -> list:
+    """The distributions ``hlora[extra]`` declares that are not installed. Cheap: reads installed
+    metadata, imports nothing; ``[]`` when hlora itself is not installed (a bare source tree)."""
+    try:
+        requirements = importlib.metadata.requires("hlora") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if f'extra == "{extra}"' in marker:
+            name = re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0)
+            try:
+                importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(name)
+    return missing
+
+
 def main(argv: list | None = None) -> int:
     """Entry point of the ``healthgpt`` console script; returns the exit status."""
+    missing = missing_requirements()
+    if missing:  # `pip install hlora` alone: one line, not an ImportError traceback
+        print(f"healthgpt: error: {', '.join(missing)} not installed: install hlora[healthgpt] "
+              f"(pip install \"hlora[healthgpt]\")", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     return run_guarded(args.func, args)
 
