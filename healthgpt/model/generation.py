@@ -8,6 +8,11 @@ A batch may mix both kinds of rows (the hard router picks each row's plugin befo
   other token to -inf), step n is ``<end_index>``. Exactly n codes then ``<end_index>``, always.
 
 Prompts are left-padded; positions count real tokens only: ``position = cumsum(mask) - 1``.
+
+Two implementations of these rules: ``decode`` (the default: static shapes, one preallocated cache, no
+host synchronisation inside the loop, a CUDA graph on CUDA; ``healthgpt.model.decode_static``) and
+``decode_eager`` (a transformers forward on a growing ``DynamicCache`` per step with host-side
+bookkeeping: the reference the static path is tested against).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-__all__ = ["logits_warpers", "sample_next", "decode"]
+from healthgpt.model.decode_static import StaticDecoder, masked_attention
+
+__all__ = ["logits_warpers", "sample_next", "decode", "decode_eager"]
 
 
 def logits_warpers(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessorList:
@@ -59,7 +66,7 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
 
 
 @torch.no_grad()
-def decode(
+def decode_eager(
     llm,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -85,7 +92,7 @@ def decode(
     img = torch.tensor(image_rows, dtype=torch.bool, device=device)
     txt = ~img
     n = num_image_tokens
-    steps = max(n + 1 if bool(img.any()) else 0, max_new_tokens if bool(txt.any()) else 0)
+    steps = _steps(image_rows, n, max_new_tokens)
     head = llm.get_output_embeddings()
     codes = slice(vocab.code0, vocab.code0 + vocab.num_codes)
     code_w = head.weight[codes]
@@ -126,3 +133,74 @@ def decode(
         hidden = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return results
+
+
+def _steps(image_rows: list, num_image_tokens: int, max_new_tokens: int) -> int:
+    """The most decode steps any row can need: n + 1 for image rows, ``max_new_tokens`` for text rows."""
+    return max(num_image_tokens + 1 if any(image_rows) else 0, max_new_tokens if not all(image_rows) else 0)
+
+
+@torch.no_grad()
+def decode(
+    llm,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_rows: list,
+    num_image_tokens: int,
+    vocab,
+    stop_ids: set,
+    pad_id: int,
+    max_new_tokens: int,
+    check_every: int = 32,
+    use_graph: bool | None = None,
+    **sampling,
+) -> list:
+    """``decode_eager``'s contract (same arguments and results) through the static path.
+
+    Per step, on the device: choose each row's token (codes for image rows before step n,
+    ``<end_index>`` at step n, any token for text rows), write it to ``out[:, step]``, and update the
+    rows' lengths and ``done`` flags; a text row is done at its first stop token (not kept) or after
+    ``max_new_tokens`` tokens, an image row after step n. The host reads ``done`` every
+    ``check_every`` steps (to stop early) and the tokens once at the end. ``use_graph``: capture the
+    step in a CUDA graph (``None``: on CUDA).
+    """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    B, device = inputs_embeds.shape[0], inputs_embeds.device
+    n = num_image_tokens
+    steps = _steps(image_rows, n, max_new_tokens)
+    if steps == 0:
+        return [[] for _ in range(B)]
+    has_img, has_txt = any(image_rows), not all(image_rows)
+    head = llm.get_output_embeddings()
+    codes = slice(vocab.code0, vocab.code0 + vocab.num_codes)
+    code_head = (head.weight[codes], None if head.bias is None else head.bias[codes]) if has_img else None
+    text_head = (head.weight, head.bias) if has_txt else None
+
+    img = torch.tensor(image_rows, dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+    length = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    with masked_attention(llm):
+        decoder = StaticDecoder(llm, attention_mask, steps, code_head, text_head, use_graph=use_graph)
+        code_logits, text_logits = decoder.prefill(inputs_embeds)
+        for step in range(steps):
+            if has_img:
+                code_tokens = vocab.code0 + sample_next(code_logits, **sampling) if step < n else torch.full_like(length, vocab.end)
+            if has_txt:
+                text_tokens = sample_next(text_logits, **sampling)
+            tokens = torch.where(img, code_tokens, text_tokens) if has_img and has_txt else code_tokens if has_img else text_tokens
+            out[:, step] = tokens
+            alive = ~done
+            stopped = alive & ~img & torch.isin(tokens, stops)
+            length += alive & ~stopped
+            done |= stopped | (~img & (length >= max_new_tokens))
+            if step == n:
+                done |= img
+            if step == steps - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+                break
+            code_logits, text_logits = decoder.step(tokens)
+    out, length = out.cpu(), length.tolist()
+    return [out[b, : length[b]].tolist() for b in range(B)]

@@ -19,17 +19,21 @@ import os
 
 import torch
 import torch.nn as nn
+from transformers import Phi3Config, Phi3ForCausalLM
 
 import hlora
 
 from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
+from healthgpt.data.dataset import Collator
 from healthgpt.model.config import HealthGPTConfig
-from healthgpt.model.generation import decode
+from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
+from healthgpt.model.generation import decode, decode_eager
 from healthgpt.data.images import load_image
 from healthgpt.model.templates import TEMPLATES, encode_conversation, normalize_messages
 from healthgpt.model.tokenizer import GenerationVocab, START_TOKEN, add_generation_vocab, load_base_tokenizer, resize_embeddings_with_mean
 from healthgpt.model.vision import ImageProcessor, build_projector, load_vision_tower
-from healthgpt.model.vq import VQTokenizer
+from healthgpt.model.vq import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
+from healthgpt.model.weights import load_model, load_release_weights, save_model
 
 __all__ = ["HealthGPT", "load_llm", "choose_attn_implementation"]
 
@@ -45,10 +49,6 @@ def choose_attn_implementation(config: HealthGPTConfig) -> str:
 
 def load_llm(path: str | None, config: dict | None, dtype: torch.dtype, attn_implementation: str):
     """``transformers.Phi3ForCausalLM`` from local ``path`` or, when ``path`` is None, random from ``config``."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
-
     if path is None:
         return Phi3ForCausalLM._from_config(Phi3Config(**config), attn_implementation=attn_implementation, dtype=dtype)
     require_hf_checkpoint(path, "LLM", "microsoft/Phi-3-mini-4k-instruct (or microsoft/phi-4)")
@@ -57,9 +57,6 @@ def load_llm(path: str | None, config: dict | None, dtype: torch.dtype, attn_imp
 
 def _check_paths(config: HealthGPTConfig) -> None:
     """Fail before building anything when a configured local checkpoint is missing."""
-    from healthgpt.model.files import require_hf_checkpoint
-    from healthgpt.model.vq import CONFIG_FILE, WEIGHTS_FILE
-
     if config.llm_path is not None:
         require_hf_checkpoint(config.llm_path, "LLM", "microsoft/Phi-3-mini-4k-instruct (or microsoft/phi-4)")
     if config.vision_path is not None:
@@ -347,8 +344,6 @@ class HealthGPT(nn.Module):
     def collate(self, samples: list, pad_to_multiple_of: int | None = None) -> dict:
         """``prepare_sample`` outputs -> a right-padded batch for ``forward``: ``input_ids``,
         ``attention_mask``, ``labels`` [B, T], ``images`` [N, 3, S, S] or None, ``tasks``."""
-        from healthgpt.data.dataset import Collator
-
         return Collator(self.pad_id, pad_to_multiple_of)(samples)
 
     # ---- inference ----------------------------------------------------------------------------------
@@ -368,10 +363,12 @@ class HealthGPT(nn.Module):
     @torch.no_grad()
     def generate(self, images: list, texts: list, tasks, max_new_tokens: int = 512, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list:
+                 seed: int | None = None, static: bool = True) -> list:
         """Batched decoding, tasks mixed freely -> per sample the generated token ids: for ``comp`` the
         answer up to the stop token, for ``gen`` exactly ``num_image_codes`` ``<idx_*>`` ids then
-        ``<end_index>``. ``images``: per sample a PIL image, path, array or None."""
+        ``<end_index>``. ``images``: per sample a PIL image, path, array or None. ``static``: decode
+        through the static cache (a CUDA graph on CUDA; ``generation.decode``), else through the eager
+        ``DynamicCache`` loop (``generation.decode_eager``); greedy outputs are the same."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts")
         tasks = self._task_list(tasks, len(texts))
@@ -391,7 +388,7 @@ class HealthGPT(nn.Module):
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
-            return decode(
+            return (decode if static else decode_eager)(
                 self.llm, embeds, mask.to(self.device), [t == "gen" for t in tasks], self.num_image_codes,
                 self.gen_vocab, self.stop_ids, self.pad_id, max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
@@ -433,22 +430,16 @@ class HealthGPT(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write the model to ``directory`` (layout in ``healthgpt.model.weights``)."""
-        from healthgpt.model.weights import save_model
-
         return save_model(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> "HealthGPT":
         """Load a directory written by ``save_pretrained``; ``overrides`` replace config fields (e.g. a
         moved ``llm_path``, or ``dtype``)."""
-        from healthgpt.model.weights import load_model
-
         return load_model(cls, directory, **overrides)
 
     def load_release_weights(self, com: str | None = None, gen: str | None = None, fusion: str | None = None) -> "HealthGPT":
         """Load the public release's ``com_hlora_weights.bin`` / ``gen_hlora_weights.bin`` /
         ``fusion_layer_weights.bin`` (any subset); all-or-nothing (``healthgpt.model.weights``)."""
-        from healthgpt.model.weights import load_release_weights
-
         load_release_weights(self, com=com, gen=gen, fusion=fusion)
         return self

@@ -1,0 +1,148 @@
+"""The static decode path (static KV cache, device-side stop tracking, the step a CUDA graph captures)
+against the eager DynamicCache loop, token for token, on the tiny preset."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from healthgpt import HealthGPT
+from healthgpt.model.config import TINY_PHI3, HealthGPTConfig
+from healthgpt.model.decode_static import StaticDecoder, prefill_mask
+from healthgpt.model.generation import decode, decode_eager
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _lively(m):
+    """Weights that make the answer depend on the prompt and the plugin: unit-gain random layers,
+    non-zero plugin B, and distinct code rows (else greedy decoding picks <idx_0> forever)."""
+    with torch.no_grad():
+        for name, p in m.llm.model.layers.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5 * (1.5 if name.endswith(".B") else 1.0))
+        for w in (m.llm.get_input_embeddings().weight, m.llm.get_output_embeddings().weight):
+            w[m.gen_vocab.base_size:] += torch.randn_like(w[m.gen_vocab.base_size:])
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return _lively(HealthGPT("tiny").eval())
+
+
+def _image(seed, size=(48, 32)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _inputs(m, images, texts, tasks):
+    """What ``HealthGPT.generate`` hands the decoder: left-padded prompt embeddings, mask, routing set."""
+    prompts = [m._prompt_ids(im is not None, tx, t) for im, tx, t in zip(images, texts, tasks)]
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), m.pad_id)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+    present = [im for im in images if im is not None]
+    pixels = m.image_processor(present) if present else None
+    with torch.no_grad():
+        embeds = m.embed_inputs(ids, pixels, tasks)
+    m.route(tasks)
+    return embeds, mask
+
+
+def test_mixed_batch_of_different_lengths_matches_eager(model):
+    """gen and comp rows, with and without images, prompts of different lengths sharing one cache.
+    Image rows answer with n = 40 codes here (the rules do not depend on n; 1024 through ``generate``
+    is ``test_healthgpt_generation``'s test, which runs the static path)."""
+    images = [_image(0), None, _image(1, (30, 60)), None]
+    texts = ["Convert this CT to MRI.", "What is a CT scan, and when is it used instead of an MRI?", "Any fracture?",
+             "A chest X-ray."]
+    tasks = ["gen", "comp", "comp", "gen"]
+    embeds, mask = _inputs(model, images, texts, tasks)
+    assert len(set(mask.sum(1).tolist())) == 4 and int(mask[:, 0].sum()) == 1  # every row padded differently
+    args = (model.llm, embeds, mask, [t == "gen" for t in tasks], 40, model.gen_vocab, model.stop_ids, model.pad_id, 9)
+    static, eager = decode(*args), decode_eager(*args)
+    assert static == eager
+    v = model.gen_vocab
+    for b in (0, 3):
+        assert len(static[b]) == 41 and static[b][-1] == v.end
+        assert all(v.code0 <= t < v.code0 + v.num_codes for t in static[b][:-1])
+    assert static[0] != static[3] and static[1] != static[2]
+    assert all(len(static[b]) == 9 for b in (1, 2))
+    model.route(["comp"])
+    alone = decode(model.llm, embeds[1:2, -int(mask[1].sum()):], mask[1:2, -int(mask[1].sum()):], [False], 40,
+                   v, model.stop_ids, model.pad_id, 9)
+    assert alone[0] == static[1]  # padding changes nothing
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_rows_stopping_at_different_steps_match_eager(model, check_every):
+    images, texts, tasks = [None, _image(2), None], ["Hi", "What is shown here?", "Name three bones."], ["comp"] * 3
+    embeds, mask = _inputs(model, images, texts, tasks)
+    args = (model.llm, embeds, mask, [False] * 3, model.num_image_codes, model.gen_vocab)
+    free = decode_eager(*args, model.stop_ids, model.pad_id, 12)
+    assert all(len(r) == 12 for r in free)
+    stops = model.stop_ids | {free[0][2], free[1][6]}  # tokens rows 0 and 1 reach at different steps
+    want = [next((i for i, t in enumerate(r) if t in stops), 12) for r in free]
+    assert len(set(want)) == 3
+    eager = decode_eager(*args, stops, model.pad_id, 12)
+    static = decode(*args, stops, model.pad_id, 12, check_every=check_every)
+    assert static == eager == [r[:n] for r, n in zip(free, want)]
+
+
+def test_sliding_window_matches_eager():
+    """Phi-3-mini attends through a sliding window; the static cache keeps every column and masks."""
+    torch.manual_seed(1)
+    m = _lively(HealthGPT(HealthGPTConfig.preset("tiny", llm_config=dict(TINY_PHI3, sliding_window=9))).eval())
+    images, texts, tasks = [None, _image(4)], ["Why?", "Describe the image in detail."], ["comp", "comp"]
+    static = m.generate(images, texts, tasks, max_new_tokens=14)
+    eager = m.generate(images, texts, tasks, max_new_tokens=14, static=False)
+    assert static == eager and all(len(r) == 14 for r in static)
+
+
+def test_prefill_mask_against_a_loop():
+    real = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]])
+    for window in (None, 2):
+        got = prefill_mask(real, 8, window)
+        assert got.shape == (3, 1, 5, 8) and got.dtype == torch.bool
+        for b in range(3):
+            for i in range(5):
+                for j in range(8):
+                    want = j <= i and (window is None or j > i - window) and (bool(real[b, j]) or j == i)
+                    assert bool(got[b, 0, i, j]) == want, (b, i, j, window)
+
+
+def test_step_traces_whole_without_host_syncs(model):
+    """The step a CUDA graph captures: traced as one graph (fullgraph: a ``.item()``, ``.tolist()`` or
+    any branch on tensor data would break it), it gives the eager step's logits, step after step."""
+    images, texts, tasks = [_image(5), None], ["Describe it.", "A brain MRI, axial."], ["comp", "gen"]
+    embeds, mask = _inputs(model, images, texts, tasks)
+    head = model.llm.get_output_embeddings()
+    codes = slice(model.gen_vocab.code0, model.gen_vocab.code0 + model.gen_vocab.num_codes)
+    heads = ((head.weight[codes], None), (head.weight, None))
+    with torch.no_grad():
+        ref, traced = StaticDecoder(model.llm, mask, 4, *heads), StaticDecoder(model.llm, mask, 4, *heads)
+        _, logits = ref.prefill(embeds)
+        traced.prefill(embeds)
+        tokens = logits.argmax(-1)
+        _, warm = traced.step(tokens)  # eager first step, as on CUDA before capture
+        assert torch.equal(warm, ref.step(tokens)[1])
+        step = torch.compile(traced.step_fn, fullgraph=True, backend="eager")
+        for _ in range(2):
+            tokens = warm.argmax(-1)
+            code_ref, text_ref = ref.step(tokens)
+            traced.tokens.copy_(tokens[:, None])
+            code, text = step()
+            assert not text.isnan().any()
+            # traced, SDPA takes GQA heads repeated instead of packed: the same math, summed in another order
+            for got, want in ((code, code_ref), (text, text_ref)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()))
+            warm = text
+        assert int(traced.cache.layers[0].cumulative_length) == mask.shape[1] + 3
+        assert torch.equal(traced.positions, ref.positions)
+        ref.step(tokens)  # the fourth and last step the cache has room for
+        with pytest.raises(RuntimeError, match="no room"):
+            ref.step(tokens)
