@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-healthgpt = pytest.importorskip("healthgpt")
-if not hasattr(healthgpt, "HealthGPT"):
-    pytest.skip("healthgpt.HealthGPT is not available yet", allow_module_level=True)
-
-from healthgpt.cli import model_from_args  # noqa: E402
-from healthgpt.cli.eval import add_eval_arguments, run_eval  # noqa: E402
-from healthgpt.evaluation.runner import read_predictions  # noqa: E402
+from healthgpt.cli import model_from_args
+from healthgpt.cli.eval import add_eval_arguments, run_eval
+from healthgpt.evaluation.runner import read_predictions
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,17 @@ the module docstring's formulas, on real DICOM slices; grayscale conversion; LPI
 import math
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from healthgpt.evaluation.image_metrics import image_scores, mse, psnr, resize_to, ssim, to_gray255
 from healthgpt.evaluation.lpips import LPIPS, load_lpips, lpips_distance
 from healthgpt.evaluation.scoring import summarise_images
 
-pydicom = pytest.importorskip("pydicom")
-
-
 def _slice(name):
-    from pydicom.data import get_testdata_file
     return to_gray255(pydicom.dcmread(get_testdata_file(name)).pixel_array)
 
 

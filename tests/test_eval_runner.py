@@ -10,11 +10,14 @@ import torch
 from PIL import Image
 
 from healthgpt.cli import CLIError, eval as eval_cli
+from healthgpt.cli import build_parser
 from healthgpt.cli import main as cli_main
 from healthgpt.cli.eval import add_eval_arguments, run_eval
 from healthgpt.evaluation.data import load_samples, parse_options
 from healthgpt.evaluation.lpips import LPIPS
-from healthgpt.evaluation.runner import read_predictions, repair_jsonl, run_text
+from healthgpt.evaluation.runner import default_image_loader, read_predictions, repair_jsonl, run_text
+from healthgpt.data.images import load_image
+from pydicom.data import get_testdata_file
 
 
 def _pil_loader(path):
@@ -320,11 +323,7 @@ def test_stand_alone_main(tmp_path, capsys):
 
 
 def test_dicom_targets_through_the_default_loader(tmp_path):
-    from healthgpt.evaluation.runner import default_image_loader
-    loader = default_image_loader()
-    if loader.__module__.startswith("healthgpt.evaluation"):
-        pytest.skip("healthgpt.load_image (DICOM reader) not available")
-    from pydicom.data import get_testdata_file
+    assert default_image_loader() is load_image  # the one reader training data and inference use
     ct = get_testdata_file("CT_small.dcm")
     data = _write(tmp_path / "d.jsonl", [dict(id="ct", image=ct, target=ct, task="CT(Brain)")], jsonl=True)
     out = tmp_path / "run"
@@ -336,10 +335,7 @@ def test_dicom_targets_through_the_default_loader(tmp_path):
 
 
 def test_registers_as_healthgpt_subcommand(slake, tmp_path):
-    hcli = pytest.importorskip("healthgpt.cli")
-    if not hasattr(hcli, "build_parser"):
-        pytest.skip("healthgpt.cli has no build_parser")
-    parser = hcli.build_parser({"eval": "healthgpt.cli.eval:register"})
+    parser = build_parser({"eval": "healthgpt.cli.eval:register"})
     rows = [dict(id="1", question="q", answer="yes", prediction="yes", answer_type="closed")]
     args = parser.parse_args(["eval", "--bench", "vqa-rad", "--predictions",
                               str(_write(tmp_path / "p.jsonl", rows, jsonl=True)), "--out", str(tmp_path / "o")])

@@ -18,9 +18,12 @@ import os
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from hlora.files import atomic_write
 
 from healthgpt.constants import FILE_DIGEST
+from healthgpt.data.images import load_image
 
 __all__ = ["VQCache", "file_digest", "tokenizer_fingerprint"]
 
@@ -95,8 +98,6 @@ class VQCache:
 
     def encode_all(self, paths, batch_size: int = 8, progress: bool = False) -> dict:
         """{path: ids} for every path; cached ones are read, the rest encoded (in batches) and stored."""
-        from healthgpt.data.images import load_image
-
         unique = list(dict.fromkeys(str(p) for p in paths))
         out, todo = {}, []
         for p in unique:
@@ -110,8 +111,6 @@ class VQCache:
         if todo:
             bar = None
             if progress:
-                from tqdm.auto import tqdm
-
                 bar = tqdm(total=len(todo), desc="VQ-encoding targets", unit="img")
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i : i + batch_size]

@@ -52,6 +52,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from healthgpt.data.format import read_rows
 from healthgpt.evaluation.choice import LETTERS
 from healthgpt.evaluation.vqa import answer_type_of
 
@@ -84,8 +85,6 @@ IMAGE_SUBFOLDERS = ("", "imgs", "images", "VQA_RAD Image Folder")
 def read_records(path) -> list[dict]:
     """Rows of a ``.jsonl`` or ``.json`` file (layouts in the module docstring; the one reader
     ``healthgpt.data.read_rows`` parses it)."""
-    from healthgpt.data.format import read_rows
-
     return read_rows(path)
 
 

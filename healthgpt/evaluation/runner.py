@@ -5,8 +5,8 @@ The runner only needs two callables (so it is testable without a model):
 - ``AnswerBatch(images, prompts) -> list[str]`` for the text benchmarks;
 - ``GenerateBatch(images, instructions) -> list[PIL.Image]`` for the image benchmarks.
 
-``images`` are whatever ``load_image(path)`` returns (default ``healthgpt.load_image``, PIL
-otherwise); ``None`` for a sample without an image.
+``images`` are whatever ``load_image(path)`` returns (default ``healthgpt.data.images.load_image``,
+the reader training data and inference use); ``None`` for a sample without an image.
 
 Output in ``out_dir``: ``predictions.jsonl``, appended and flushed (``fsync``) after every batch.
 A rerun skips the ids already there (resume); a half-written last line left by a crash is cut
@@ -27,6 +27,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from tqdm.auto import tqdm
+
+from healthgpt.data.images import load_image
 from healthgpt.evaluation.choice import choice_prompt
 from healthgpt.evaluation.data import BENCHMARKS
 
@@ -39,23 +42,8 @@ PREDICTIONS = "predictions.jsonl"
 
 
 def default_image_loader() -> Callable:
-    """``healthgpt.load_image`` (PNG/JPEG/DICOM/NIfTI -> 8-bit RGB) when the package provides it,
-    else ``PIL.Image.open(path).convert("RGB")``."""
-    try:
-        from healthgpt import load_image  # type: ignore[attr-defined]
-        return load_image
-    except ImportError:
-        pass
-    try:
-        from healthgpt.data.images import load_image  # type: ignore[no-redef]
-        return load_image
-    except ImportError:
-        from PIL import Image
-
-        def _pil(path):
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        return _pil
+    """``healthgpt.data.images.load_image`` (PNG/JPEG/DICOM/NIfTI -> 8-bit RGB), the one reader."""
+    return load_image
 
 
 def repair_jsonl(path) -> int:
@@ -122,7 +110,6 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="sample", disable=not enabled,
                 dynamic_ncols=True)
 

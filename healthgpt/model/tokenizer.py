@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from tokenizers import AddedToken, Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 __all__ = [
     "START_TOKEN",
@@ -48,9 +50,6 @@ def generation_tokens(num_codes: int = NUM_CODES) -> list:
 
 def _builtin_llama2_tokenizer():
     """LLaMA-2 32k BPE (from the ``wordllama`` wheel) + Phi-3's 11 special tokens: Phi-3-mini's vocabulary."""
-    from tokenizers import AddedToken, Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     spec = importlib.util.find_spec("wordllama")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -73,8 +72,6 @@ def load_base_tokenizer(path: str | None):
     """The LLM's tokenizer from local directory ``path`` (``None``: the built-in Phi-3 vocabulary)."""
     if path is None:
         return _builtin_llama2_tokenizer()
-    from transformers import AutoTokenizer
-
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"tokenizer directory {path!r} does not exist: expected a local tokenizer "
@@ -90,8 +87,6 @@ def load_base_tokenizer(path: str | None):
 
 def add_generation_vocab(tokenizer, num_codes: int = NUM_CODES) -> int:
     """Append the generation tokens (as special tokens) unless all are there; -> number added."""
-    from tokenizers import AddedToken
-
     tokens = generation_tokens(num_codes)
     vocab = tokenizer.get_vocab()
     present = [t for t in tokens if t in vocab]

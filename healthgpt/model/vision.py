@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
 
@@ -78,8 +79,6 @@ class ImageProcessor:
 
 def load_vision_tower(path: str | None, config: dict | None, dtype: torch.dtype, attn_implementation: str):
     """``transformers.CLIPVisionModel`` from local ``path`` or, when ``path`` is None, random from ``config``."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     if path is None:
         model = CLIPVisionModel._from_config(CLIPVisionConfig(**config), attn_implementation=attn_implementation, dtype=dtype)
     else:

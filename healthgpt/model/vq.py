@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn as nn
+from diffusers import VQModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -89,8 +90,6 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, config: VQConfig | dict | None = None):
         super().__init__()
-        from diffusers import VQModel
-
         config = VQConfig() if config is None else config
         self.config = VQConfig.from_dict(config) if isinstance(config, dict) else config
         down, up = self.config.block_types()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 
 import torch
+import yaml
 
 from healthgpt.model.files import require_file
 from healthgpt.model.vq import VQConfig, VQTokenizer
@@ -40,8 +41,6 @@ _MID = {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"
 
 def taming_config(yaml_text: str) -> VQConfig:
     """The ``VQConfig`` of a taming ``model.yaml`` (GumbelVQ only)."""
-    import yaml
-
     cfg = yaml.safe_load(yaml_text)
     try:
         model = cfg["model"]
