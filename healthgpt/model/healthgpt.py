@@ -27,7 +27,7 @@ from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_IND
 from healthgpt.data.dataset import Collator
 from healthgpt.model.config import HealthGPTConfig
 from healthgpt.model.files import from_pretrained_checked, require_hf_checkpoint
-from healthgpt.model.generation import decode
+from healthgpt.model.generation import decode, decode_eager
 from healthgpt.data.images import load_image
 from healthgpt.model.templates import TEMPLATES, encode_conversation, normalize_messages
 from healthgpt.model.tokenizer import GenerationVocab, START_TOKEN, add_generation_vocab, load_base_tokenizer, resize_embeddings_with_mean
@@ -363,10 +363,12 @@ class HealthGPT(nn.Module):
     @torch.no_grad()
     def generate(self, images: list, texts: list, tasks, max_new_tokens: int = 512, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list:
+                 seed: int | None = None, static: bool = True) -> list:
         """Batched decoding, tasks mixed freely -> per sample the generated token ids: for ``comp`` the
         answer up to the stop token, for ``gen`` exactly ``num_image_codes`` ``<idx_*>`` ids then
-        ``<end_index>``. ``images``: per sample a PIL image, path, array or None."""
+        ``<end_index>``. ``images``: per sample a PIL image, path, array or None. ``static``: decode
+        through the static cache (a CUDA graph on CUDA; ``generation.decode``), else through the eager
+        ``DynamicCache`` loop (``generation.decode_eager``); greedy outputs are the same."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts")
         tasks = self._task_list(tasks, len(texts))
@@ -386,7 +388,7 @@ class HealthGPT(nn.Module):
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
-            return decode(
+            return (decode if static else decode_eager)(
                 self.llm, embeds, mask.to(self.device), [t == "gen" for t in tasks], self.num_image_codes,
                 self.gen_vocab, self.stop_ids, self.pad_id, max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
