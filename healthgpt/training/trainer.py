@@ -35,6 +35,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from hlora import copy_checked
 from hlora.files import atomic_write
 
+from healthgpt.constants import TASKS as _TASKS
+
 __all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
            "clean_staging"]
 
@@ -44,7 +46,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 STAGING_PREFIX = ".staging-"
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
-_TASKS = ("comp", "gen")
 
 
 def clean_staging(run_dir: str) -> list:
