@@ -35,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from hlora import copy_checked
 from hlora.files import atomic_write
 
-from healthgpt.constants import TASKS as _TASKS
+from healthgpt.constants import IGNORE_INDEX, TASKS as _TASKS
 
 __all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
            "clean_staging"]
@@ -224,7 +224,7 @@ class HealthGPTTrainer(Trainer):
         for b, t in enumerate(tasks):
             if t not in self._task_loss:
                 continue
-            mask = shift_labels[b] != -100
+            mask = shift_labels[b] != IGNORE_INDEX
             n = int(mask.sum())
             if n:
                 ce = F.cross_entropy(logits[b, :-1][mask].float(), shift_labels[b][mask], reduction="sum")
