@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Union
 
+from .files import atomic_write
+
 __all__ = ["PluginConfig", "HLoRAConfig", "INITS", "VARIANTS", "CONFIG_NAME"]
 
 CONFIG_NAME = "hlora_config.json"
@@ -139,9 +141,9 @@ class HLoRAConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, directory: str | os.PathLike) -> str:
+        """Write ``directory/hlora_config.json`` atomically; returns its path."""
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        atomic_write(path, self.to_json())
         return path
 
     @classmethod

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checked import CheckpointError, copy_checked
-from .config import CONFIG_NAME, HLoRAConfig
+from .config import HLoRAConfig
 from .files import atomic_write
 from .model import find_modules_to_save, get_config, inject, named_adapter_layers, unload
 
@@ -65,7 +65,7 @@ def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
     state = {k: v.detach().contiguous().clone() for k, v in plugin_state_dict(model, plugins).items()}
     meta = {_META_KEY: sub.to_json(), "format": "pt"}
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write(os.path.join(path, CONFIG_NAME), sub.to_json())
+    sub.save(path)
     return str(path)
 
 
