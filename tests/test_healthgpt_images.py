@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pydicom.pixels import apply_modality_lut, apply_windowing
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
 
 from healthgpt import ImageLoadError, load_image
 from healthgpt.data.images import voi_window
@@ -66,6 +66,27 @@ def test_voi_window_rejects_bad_widths():
         voi_window(np.zeros(3), 0, 0, "SIGMOID")
     with pytest.raises(ImageLoadError, match="VOI LUT function"):
         voi_window(np.zeros(3), 0, 10, "GAMMA")
+
+
+def test_dicom_monochrome1_is_inverted_after_the_window(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "inverted.dcm")
+    got = np.asarray(load_image(tmp_path / "inverted.dcm", window=(40, 400)))[..., 0]
+    unit = np.clip((hu - 39.5) / 399 + 0.5, 0, 1)
+    assert np.array_equal(got, np.rint((1 - unit) * 255).astype(np.uint8))
+    assert got[hu > 400].max() == 0 and got[hu < -300].min() == 255  # bone black, air white
+
+
+def test_dicom_palette_colour_goes_through_its_lookup_table():
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+    got = np.asarray(load_image(get_testdata_file("examples_palette.dcm")))
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float64)  # 16-bit table entries
+    assert got.shape == (*ds.pixel_array.shape, 3)
+    assert np.array_equal(got, np.rint(rgb / 65535 * 255).astype(np.uint8))
+    assert not np.array_equal(got[..., 0], got[..., 2])  # colour, not grey
 
 
 def test_dicom_mr_uses_the_files_window():
