@@ -15,7 +15,7 @@ What it times (fwd+bwd of one layer, ``triton.testing.do_bench`` medians, bf16, 
    LoRA of the same total rank and scale), ``moelora_loop`` (hlora ``variant="moelora"``: k expert
    pairs one by one), ``torch_compile`` (hlora's torch path under ``torch.compile(mode="max-autotune")``),
    ``hlora_fused`` / ``hlora_cublas`` / ``hlora_auto`` (the kernels with ``HLORA_STRATEGY`` set; the
-   strategy the layer reports using is recorded when ``hlora.kernels`` exposes it).
+   row's ``strategy`` says what ran: under ``auto`` the choice the kernels' tuner made per product).
    Cases (``mix``): ``comp`` (R=64, k=4), ``gen`` (R=256, k=4), ``comp+gen 50/50`` (one sample each,
    per-sample routing), ``sweep`` (R=64, k = 2..32).
 
@@ -222,6 +222,9 @@ def provider_moelora(c: Case, smoke: bool):
 
 def provider_torch_compile(c: Case, smoke: bool):
     layer, params = _adapter_layer(HLoRALinear, c)
+    # every case compiles the same forward code again: without a reset, dynamo's recompile limit
+    # would silently leave the later cases running eagerly
+    torch._dynamo.reset()
     # smoke: the eager backend checks the wiring in seconds (max-autotune compiles for minutes on a CPU)
     compiled = torch.compile(layer, backend="eager") if smoke else torch.compile(layer, mode="max-autotune")
     return compiled, params, "hlora"
@@ -264,10 +267,34 @@ def kernel_strategies():
     return tuple(found) if found else None
 
 
-def reported_strategy():
-    """The strategy the kernels say their last call used (``fused_linear.last_strategy()``), if exposed."""
-    fn = getattr(_fused_linear(), "last_strategy", None)
-    return fn() if callable(fn) else None
+@contextlib.contextmanager
+def strategy_report():
+    """Yields a dict that, after the block, says which strategy the kernels ran: ``HLORA_STRATEGY``
+    as ``fused_linear.strategy()`` reads it, and under ``auto`` each product's choice ("y", "dx")
+    as ``tuning.choose`` returned it (on CUDA; the interpreter takes ``fused`` without choosing)."""
+    tuning = importlib.import_module("hlora.kernels.tuning")
+    choose, report = tuning.choose, {}
+
+    def recording_choose(what, *args, **kwargs):
+        choice = choose(what, *args, **kwargs)
+        if what.startswith("strategy-"):
+            report[what[len("strategy-"):]] = choice
+        return choice
+
+    tuning.choose = recording_choose
+    try:
+        yield report
+    finally:
+        tuning.choose = choose
+        report["requested"] = _fused_linear().strategy()
+
+
+def describe_strategy(report: dict) -> str:
+    """"fused", "cublas", or "auto: y=..., dx=..." ("auto: fused" in the interpreter)."""
+    if report["requested"] != "auto":
+        return report["requested"]
+    chosen = ", ".join(f"{k}={v}" for k, v in sorted(report.items()) if k != "requested")
+    return f"auto: {chosen or 'fused (no choice timed off CUDA)'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +336,10 @@ def run_provider(provider: str, c: Case, smoke: bool) -> dict:
             return y, torch.autograd.grad(y, inputs, c.dy)
 
         t0 = time.perf_counter()
-        y, grads = step()  # also the warm-up: tuning / compiling happen here, outside do_bench
+        with strategy_report() as report:
+            y, grads = step()  # also the warm-up: tuning / compiling happen here, outside do_bench
         first_ms = (time.perf_counter() - t0) * 1e3
-        strategy = reported_strategy() if provider in HLORA_STRATEGY else None
+        strategy = describe_strategy(report) if provider in HLORA_STRATEGY else None
         y_ref, dx_ref = c.reference(formula)
         err_y, err_dx = rel_err(y.detach(), y_ref), rel_err(grads[0], dx_ref)
         tol = TOL[c.dtype]
@@ -403,6 +431,10 @@ def run(smoke: bool, budget_s: float, log=print) -> dict:
                         row.update(run_gemm(provider, op, c, smoke) if op else run_provider(provider, c, smoke))
                     except Skip as e:
                         row["status"] = f"skipped: {e}"
+                    except Exception as e:  # one broken provider must not cost the run the others' rows
+                        row["status"] = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
                 if row["ms"] is not None:
                     if op:
                         if provider == "cublas_gemm":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the H-LoRA kernels, one command, under 8 minutes on an H100 / H200:
 #   bash benchmarks/gpu_check.sh [extra bench_kernels.py arguments]
-# 1. the kernel tests with compiled kernels (no interpreter; bf16, fp16, fp32) and the compile gate
+# 1. the kernel tests with compiled kernels (no interpreter; bf16, fp16, fp32); the compile gate is
+#    an ahead-of-time check on the CPU that CI runs already
 # 2. benchmarks/bench_kernels.py: Triton GEMM vs F.linear, fwd+bwd of every provider at R=64, R=256,
 #    the 50/50 batch and k = 2..32, each checked against float64 first; rows past the time left skip
 # 3. issue 13 hook: the quantized (4-bit) base path, once it exists
@@ -17,9 +18,7 @@ python -c "import hlora.kernels" 2>/dev/null || pip install -e . --no-deps -q
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs/gpu.txt" 2>&1
 
 # ---- 1. compiled kernel tests --------------------------------------------------------------------
-kernel_tests=(tests/test_kernels.py)
-[ -f tests/test_kernel_compile.py ] && kernel_tests+=(tests/test_kernel_compile.py)
-timeout 300 python -m pytest "${kernel_tests[@]}" -q -p no:cacheprovider 2>&1 | tee "$logs/pytest.log"
+timeout 300 python -m pytest tests/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$logs/pytest.log"
 tests=${PIPESTATUS[0]}
 
 # ---- 2. layer benchmark (budget: what is left of 7.5 minutes, at least 2) ------------------------

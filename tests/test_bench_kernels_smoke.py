@@ -46,8 +46,8 @@ def result(tmp_path_factory):
 
 def test_smoke_json_has_every_provider_case_and_a_consistent_ratio(result):
     status, data = result
-    assert status == 0
     assert {"device", "torch", "triton", "date", "rows"} <= set(data)
+    assert status == 0, [(r["provider"], r["mix"], r["status"]) for r in data["rows"] if r["status"].startswith("FAILED")]
     assert data["torch"] == torch.__version__
     rows = data["rows"]
     assert all(ROW_KEYS <= set(r) for r in rows)
@@ -61,6 +61,9 @@ def test_smoke_json_has_every_provider_case_and_a_consistent_ratio(result):
         assert r["status"].startswith("skipped: ") and r["ms"] is None and r["ratio_to_base"] is None
         assert r["provider"] == "hlora_cublas" and "cublas" not in (data["strategies"] or ())
     assert {r["provider"] for r in ran} >= set(bm.PROVIDERS) - {"hlora_cublas"}
+    for r in ran:  # the strategy the kernels ran, as they report it
+        want = {"hlora_fused": "fused", "hlora_cublas": "cublas"}.get(r["provider"])
+        assert r["strategy"] == want if r["provider"] != "hlora_auto" else r["strategy"].startswith("auto: ")
     base = {r["proj"]: r["ms"] for r in rows if r["provider"] == "base"}
     cublas = {(r["proj"], r["mix"]): r["ms"] for r in rows if r["provider"] == "cublas_gemm"}
     for r in ran:
