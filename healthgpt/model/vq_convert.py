@@ -24,6 +24,7 @@ import re
 
 import torch
 import yaml
+from hlora import CheckpointError, copy_checked
 
 from healthgpt.model.files import require_file
 from healthgpt.model.vq import VQConfig, VQTokenizer
@@ -157,19 +158,10 @@ def convert_taming_checkpoint(ckpt_path: str, yaml_path: str, out_dir: str | Non
         raise ConversionError(f"{ckpt_path} holds no state dict (expected a Lightning checkpoint with 'state_dict')")
     ours = taming_state_dict_to_ours(state, config)
     tok = VQTokenizer(config)
-    expected = tok.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    extra = sorted(set(ours) - set(expected))
-    shapes = [f"{k}: {tuple(ours[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(set(ours) & set(expected)) if ours[k].shape != expected[k].shape]
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items[:10])}"
-        for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", shapes))
-        if items
-    ]
-    if problems:
-        raise ConversionError(f"{ckpt_path} does not match its model.yaml: " + " | ".join(problems))
-    tok.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
+    try:
+        copy_checked(tok.state_dict(keep_vars=True), ours, what=f"{ckpt_path} (it does not match its model.yaml)")
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if out_dir is not None:
         tok.save_pretrained(out_dir)
     return tok
