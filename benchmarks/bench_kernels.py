@@ -390,24 +390,30 @@ def settings(smoke: bool) -> dict:
 
 
 def schedule(cfg: dict):
-    """(section, proj, plugins, mix, providers) in priority order: a short budget cuts the end."""
+    """(section, proj, plugins, mix, providers) in priority order, so that a short budget cuts the
+    least telling rows: every projection's GEMMs, single-plugin and 50/50 rows first, then the k sweep
+    and torch.compile on o_proj (the projection where the adapter weighs most), then the rest."""
     comp, gen = cfg["comp"], cfg["gen"]
     singles = [((cfg[name],), name) for name in cfg["singles"]]
     kernels = ("hlora_fused", "hlora_cublas", "hlora_auto")
-    for proj in cfg["projections"]:
+    projections = list(cfg["projections"])
+    lead = "o_proj" if "o_proj" in projections else projections[0]
+    others = [p for p in projections if p != lead]
+    for proj in projections:
         yield "gemm", proj, (), "gemm", GEMM_PROVIDERS
-    for proj in cfg["projections"]:
+    for proj in projections:
         yield "base", proj, (), "base", ("base",)
         for plugins, mix in singles:
             yield "main", proj, plugins, mix, ("peft_lora", "moelora_loop") + kernels
-    for proj in cfg["projections"]:
+    for proj in projections:
         yield "mixed", proj, (comp, gen), "comp+gen 50/50", ("moelora_loop",) + kernels
-    for proj in cfg["projections"]:
-        for k in cfg["ks"]:
-            yield "sweep", proj, ((cfg["sweep_rank"], k),), "sweep", ("moelora_loop",) + kernels
-    for proj in cfg["projections"]:
-        for plugins, mix in singles + [((comp, gen), "comp+gen 50/50")]:
-            yield "compile", proj, plugins, mix, ("torch_compile",)
+    for group in ([lead], others):
+        for proj in group:
+            for k in cfg["ks"]:
+                yield "sweep", proj, ((cfg["sweep_rank"], k),), "sweep", ("moelora_loop",) + kernels
+        for proj in group:
+            for plugins, mix in singles + [((comp, gen), "comp+gen 50/50")]:
+                yield "compile", proj, plugins, mix, ("torch_compile",)
 
 
 def run(smoke: bool, budget_s: float, log=print) -> dict:
