@@ -120,10 +120,24 @@ def hlora_linear(
     if _use_kernels(x2, weight, bias):
         if torch.is_autocast_enabled(x2.device.type):
             x2 = x2.to(torch.get_autocast_dtype(x2.device.type))
-        y = fused_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+        y = _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+        if y is None:
+            y = fused_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
     else:
         y = hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
     return y.view(*lead, d_out)
+
+
+def _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts):
+    """On CUDA, T <= 64 tokens without gradients or dropout (a decode step): the one-launch decode
+    kernel's y; otherwise None."""
+    if not x2.is_cuda:
+        return None
+    from hlora.kernels import decode  # imports Triton: only reached once the kernels are in use
+
+    if not decode.supports(x2, weight, dropouts):
+        return None
+    return decode.decode_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp)
 
 
 _warned_frozen = False

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from . import reference
+from . import fused_linear, reference
 from .fused_linear import _empty  # outputs start as NaN under HLORA_KERNELS_POISON=1, like the other kernels
 
 __all__ = ["MAX_DECODE_TOKENS", "decode_hlora_linear", "supports"]
@@ -47,9 +47,8 @@ INTERPRET = bool(knobs.runtime.interpret)
 GATE_LOG_FLOOR = tl.constexpr(reference.GATE_LOG_FLOOR)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-BLOCK_N = 64
-BLOCK_D = 64
-BLOCK_R = 16  # UL columns per producer; also the rank chunk of a consumer's B product
+# one tile, not tuned: BLOCK_R is the UL columns per producer and a consumer's rank chunk
+TILE = dict(BLOCK_N=64, BLOCK_D=64, BLOCK_R=16, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -73,18 +72,18 @@ def _decode_kernel(
         cols = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         in_a = cols < R
         in_router = (cols >= R) & (cols < R + K)
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        ul_acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            x = tl.load(x_ptr + offs_t[:, None] * stride_xt + d[None, :] * stride_xd,
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            m = tl.load(a_ptr + cols[None, :] * stride_ar + d[:, None] * stride_ad,
-                        mask=in_a[None, :] & d_ok[:, None], other=0.0)
-            m += tl.load(router_ptr + (cols - R)[None, :] * stride_rk + d[:, None] * stride_rd,
-                         mask=in_router[None, :] & d_ok[:, None], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), m.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        tl.store(ul_ptr + offs_t[:, None] * stride_ult + cols[None, :], acc,
+            dp = d0 + offs_d
+            dp_ok = dp < D
+            xs = tl.load(x_ptr + offs_t[:, None] * stride_xt + dp[None, :] * stride_xd,
+                         mask=t_ok[:, None] & dp_ok[None, :], other=0.0)
+            mat = tl.load(a_ptr + cols[None, :] * stride_ar + dp[:, None] * stride_ad,
+                          mask=in_a[None, :] & dp_ok[:, None], other=0.0)
+            mat += tl.load(router_ptr + (cols - R)[None, :] * stride_rk + dp[:, None] * stride_rd,
+                           mask=in_router[None, :] & dp_ok[:, None], other=0.0)
+            ul_acc = tl.dot(xs.to(DOT_DTYPE), mat.to(DOT_DTYPE), ul_acc, input_precision=PRECISION)
+        tl.store(ul_ptr + offs_t[:, None] * stride_ult + cols[None, :], ul_acc,
                  mask=t_ok[:, None] & (cols < R + K)[None, :])
         tl.atomic_add(counter_ptr, 1, sem="release")
     else:
@@ -116,15 +115,15 @@ def _decode_kernel(
         row_max = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
         for p in tl.static_range(NUM_PLUGINS):
             mine = (logit_plugin == p)[None, :]
-            m = tl.max(tl.where(mine, logits, float("-inf")), axis=1)
-            row_max = tl.where(mine, m[:, None], row_max)
+            plugin_max = tl.max(tl.where(mine, logits, float("-inf")), axis=1)
+            row_max = tl.where(mine, plugin_max[:, None], row_max)
         z = logits - row_max
         e = tl.where((z < GATE_LOG_FLOOR) | ~k_ok[None, :], 0.0, tl.exp(z))
         row_sum = tl.full((BLOCK_T, BLOCK_K), 1.0, dtype=tl.float32)
         for p in tl.static_range(NUM_PLUGINS):
             mine = (logit_plugin == p)[None, :]
-            s = tl.sum(tl.where(mine, e, 0.0), axis=1)
-            row_sum = tl.where(mine, s[:, None], row_sum)
+            plugin_sum = tl.sum(tl.where(mine, e, 0.0), axis=1)
+            row_sum = tl.where(mine, plugin_sum[:, None], row_sum)
         gates = e / row_sum
         if HAS_TP:
             tp = tl.load(tp_ptr + offs_t, mask=t_ok, other=-1)
@@ -210,18 +209,29 @@ def decode_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, 
     ul, counters = _workspace(x2.device, block_t, R + K)
     col_plugin, col_expert, col_scale, logit_plugin = _gate_tables(x2.device, tuple(ranks), tuple(experts), tuple(scales))
     y = _empty((T, N), x2.dtype, x2.device)
-    producers, consumers = triton.cdiv(R + K, BLOCK_R), triton.cdiv(N, BLOCK_N)
-    dot_dtype = tl.float32 if INTERPRET else _TL_DTYPE[x2.dtype]
-    _decode_kernel[(producers + consumers,)](
-        x2, weight, bias if bias is not None else y, A, router, B,
-        token_plugin if token_plugin is not None else counters, y, ul, counters,
-        col_plugin, col_expert, col_scale, logit_plugin,
-        T, D, N, R, K, producers, consumers,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
-        router.stride(0), router.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1), ul.stride(0),
-        HAS_BIAS=bias is not None, HAS_TP=token_plugin is not None, NUM_PLUGINS=len(ranks),
-        DOT_DTYPE=dot_dtype, PRECISION="ieee" if (INTERPRET or x2.dtype == torch.float32) else "tf32",
-        BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R,
-        BLOCK_K=max(16, triton.next_power_of_2(K)),
+    producers, consumers = triton.cdiv(R + K, TILE["BLOCK_R"]), triton.cdiv(N, TILE["BLOCK_N"])
+    launch = fused_linear.Launch(
+        role="decode",
+        kernel=_decode_kernel,
+        grid=lambda meta: (producers + consumers,),
+        args=dict(
+            x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=A, router_ptr=router, b_ptr=B,
+            tp_ptr=token_plugin if token_plugin is not None else counters, y_ptr=y, ul_ptr=ul, counter_ptr=counters,
+            col_plugin_ptr=col_plugin, col_expert_ptr=col_expert, col_scale_ptr=col_scale, logit_plugin_ptr=logit_plugin,
+            T=T, D=D, N=N, R=R, K=K, NUM_PRODUCERS=producers, NUM_CONSUMERS=consumers,
+            stride_xt=x2.stride(0), stride_xd=x2.stride(1), stride_wn=weight.stride(0), stride_wd=weight.stride(1),
+            stride_ar=A.stride(0), stride_ad=A.stride(1), stride_rk=router.stride(0), stride_rd=router.stride(1),
+            stride_bn=B.stride(0), stride_br=B.stride(1), stride_yt=y.stride(0), stride_yn=y.stride(1),
+            stride_ult=ul.stride(0),
+        ),
+        consts=dict(
+            HAS_BIAS=bias is not None, HAS_TP=token_plugin is not None, NUM_PLUGINS=len(ranks),
+            DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[x2.dtype],
+            PRECISION="ieee" if (INTERPRET or x2.dtype == torch.float32) else "tf32",
+            BLOCK_T=block_t, BLOCK_K=max(16, triton.next_power_of_2(K)),
+        ),
+        tiles=[TILE],
+        key=(block_t, D, N, R, K, str(x2.dtype)),
     )
+    fused_linear._run(launch)  # runs it, or records it inside fused_linear.record_launches() (the compile gate)
     return y

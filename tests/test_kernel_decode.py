@@ -120,3 +120,38 @@ def test_limits():
     with torch.no_grad():
         assert decode.supports(x[:64], W, (0.0,)) and not decode.supports(x, W, (0.0,))
         assert not decode.supports(x[:8], W, (0.1,)) and not decode.supports(x[:8], lambda t: t, (0.0,))
+
+
+_COMPILE_SCRIPT = """
+import torch
+from hlora.kernels import compile_gate, decode, fused_linear
+meta = dict(device="meta", dtype=torch.bfloat16)
+launches = []
+for ranks, experts in (((256,), (4,)), ((64, 256), (4, 4))):
+    R, K = sum(ranks), sum(experts)
+    tp = torch.empty(1, dtype=torch.int32, device="meta") if len(ranks) > 1 else None
+    with fused_linear.record_launches() as rec:
+        decode.decode_hlora_linear(torch.empty(1, 3072, **meta), torch.empty(9216, 3072, **meta), None,
+                                   torch.empty(R, 3072, **meta), torch.empty(9216, R, **meta), torch.empty(K, 3072, **meta),
+                                   ranks, experts, (2.0,) * len(ranks), tp)
+    launches += rec
+for launch, tile, arch, spec, roles in compile_gate.unique_compiles(launches, archs={90: "sm_90a"}).values():
+    c = compile_gate.compile_one(launch, tile, arch, spec, roles)
+    print(c.kernel, c.registers, c.spill_bytes, c.shared)
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the tests above run the compiled kernel")
+def test_compiles_for_hopper_without_spills():
+    """Compiled ahead of time for sm_90a as launched for a decode step of M3's qkv projection (one
+    plugin, and both stacked with a routing tensor): the interpreter does not check that the kernel
+    compiles (it once did not: a name reused across the two program kinds)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("_decode_kernel")]
+    assert len(rows) == 2
+    for _, registers, spills, shared in rows:
+        assert int(spills) == 0 and 0 < int(registers) <= 255 and int(shared) <= 232448
