@@ -34,7 +34,6 @@ def test_demo_runs_and_losses_fall(tmp_path, capsys):
     assert img.size == (64, 64) and summary["generation"]["image_tokens"] == 64
     assert os.path.isfile(out / "loss_curves.png") and os.path.isfile(out / "summary.json")
     assert "stage 3:" in printed and "generated 64x64 image" in printed
-    assert summary["seconds"] < 300
 
 
 def test_demo_arguments_and_loss_helper():

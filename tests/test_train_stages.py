@@ -89,6 +89,7 @@ def test_table7_hyperparameters():
 class _Capture(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self.groups = {g["name"]: (g.get("initial_lr", g["lr"]), g["weight_decay"], len(g["params"])) for g in optimizer.param_groups}
+        self.tensors = {g["name"]: [id(p) for p in g["params"]] for g in optimizer.param_groups}
         self.args = args
 
 
@@ -111,6 +112,9 @@ def test_separate_learning_rates_and_schedule(env, tmp_path, stage, task, rates)
     assert cap.args.warmup_steps == (0.0 if stage == 2 else 0.03)
     plan = apply_stage(model, plan_stage(stage, task, "m3"))
     assert {g["name"]: g["lr"] for g in plan.groups} == rates
+    # the groups are the model's own Parameters, and the optimizer holds exactly those objects
+    assert {g["name"]: [id(p) for p in g["params"]] for g in plan.groups} == cap.tensors
+    assert {i for ids in cap.tensors.values() for i in ids} == {id(p) for p in model.parameters() if p.requires_grad}
     assert plan.dropout == ({"comp": 0.0, "gen": 0.0} if stage == 1 else {"comp": 0.05, "gen": 0.05})
     layer = next(m for m in model.llm.modules() if hasattr(m, "plugins"))
     assert layer.plugins["comp"].dropout == plan.dropout["comp"]
@@ -208,3 +212,36 @@ def test_train_arguments_from_the_command_line(capsys):
         TrainArguments(stage=1, data="d", output="o")
     with pytest.raises(TrainError, match="unknown --model-preset 'xl'"):
         TrainArguments(stage=1, task="comp", data="d", output="o", model_preset="xl")
+
+
+def test_batch_geometry():
+    from healthgpt.training.run import BatchGeometry, batch_geometry
+
+    # global = per device x processes x accumulation; per device defaults to min(4, global / processes)
+    assert batch_geometry(32, None, 2) == BatchGeometry(global_batch=32, per_device=4, processes=2, accumulation=4)
+    assert batch_geometry(6, None, 3) == BatchGeometry(global_batch=6, per_device=2, processes=3, accumulation=1)
+    assert batch_geometry(8, 8, 1) == BatchGeometry(global_batch=8, per_device=8, processes=1, accumulation=1)
+    with pytest.raises(TrainError, match="global batch 3 is not a multiple of per-device batch 1 x 8 processes"):
+        batch_geometry(3, None, 8)
+
+
+def test_optimizer_groups_must_be_the_models_parameters(tiny_model, tmp_path):
+    from transformers import TrainingArguments
+
+    from healthgpt.training.trainer import HealthGPTTrainer
+
+    model = tiny_model("phi3")
+    head, rest = model.lm_head.weight, [p for n, p in model.named_parameters() if n != "lm_head.weight"]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+
+    def optimizer(groups):
+        return HealthGPTTrainer(model=model, args=args, param_groups=groups).create_optimizer()
+
+    opt = optimizer([{"name": "head", "lr": 1e-3, "params": [head]}, {"name": "rest", "lr": 2e-4, "params": rest}])
+    assert [(g["name"], g["lr"], [id(p) for p in g["params"]]) for g in opt.param_groups] == [
+        ("head", 1e-3, [id(head)]), ("rest", 2e-4, [id(p) for p in rest])]
+    with pytest.raises(RuntimeError, match="trainable parameters in no group"):
+        optimizer([{"name": "head", "lr": 1e-3, "params": [head]}])
+    stranger = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="'rest' holds 1 tensor\\(s\\) that are not parameters of the model"):
+        optimizer([{"name": "head", "lr": 1e-3, "params": [head]}, {"name": "rest", "lr": 2e-4, "params": [*rest, stranger]}])

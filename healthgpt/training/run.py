@@ -98,6 +98,7 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
     t0 = time.time()
     main = _is_main()
     say = (log or print) if main and not quiet else (lambda *a, **k: None)
+    progress = args.progress and not quiet
 
     preset = args.preset or _read_stage(args.init).get("preset") or args.model_preset or "m3"
     plan = stage_plan(args, preset)
@@ -113,7 +114,7 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
     }
     if resume_from:
         check_same_run(output, run_config)
-    targs = trainer_arguments(args, output, geometry, plan, say)
+    targs = trainer_arguments(args, output, geometry, plan, say, progress=progress)
 
     model, source, rebuild = build_model(args, preset, model, model_overrides, say)
     plan = apply_stage(model, plan)
@@ -121,7 +122,7 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
     say(f"batch: global {geometry.global_batch} = {geometry.per_device} per device x {geometry.processes} process(es) "
         f"x {geometry.accumulation} accumulation; schedule {hp.scheduler} (warm-up {hp.warmup_ratio:g}); "
         f"plugin dropout {plan.dropout}")
-    dataset, report = load_data(args, model, targs, int(hp.max_length), say, progress=args.progress and not quiet and main)
+    dataset, report = load_data(args, model, targs, int(hp.max_length), say, progress=progress and main)
 
     if main:
         with open(os.path.join(output, RUN_FILE), "w") as f:
@@ -236,7 +237,8 @@ def batch_geometry(global_batch: int, per_device: int | None, processes: int) ->
 # ---- 5. the Trainer's arguments -----------------------------------------------------------------------
 
 
-def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry, plan: StagePlan, say) -> TrainingArguments:
+def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry, plan: StagePlan, say,
+                      progress: bool = True) -> TrainingArguments:
     """transformers' ``TrainingArguments`` for the run (learning rates are per group: the optimizer's)."""
     hp = plan.main
     use_cpu = args.cpu or not torch.cuda.is_available()
@@ -278,7 +280,7 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
             dataloader_pin_memory=not use_cpu,
             remove_unused_columns=False,  # the collator needs "task"
             report_to=args.report_to,
-            disable_tqdm=not args.progress,
+            disable_tqdm=not progress,
             # transformers 5 renamed gradient_checkpointing (deprecated, still read) to activation_checkpointing
             **{("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                 else "gradient_checkpointing"): args.gradient_checkpointing},
