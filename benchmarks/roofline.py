@@ -18,11 +18,12 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
 - ``fused_e83936e``: the launch plan of kernels/fused_linear.py at commit e83936e (split-K fp32
   partials + sum, two dy passes for dh and dB, separate gate kernels, torch.cat of [A; router],
   casts of the weight gradients). Mixed batches compute every rank column for every token (masked).
-- ``fused``: kernels/fused_linear.py as built at 915cd18 (its launchers ``hlora_forward`` /
-  ``hlora_backward``, strategy ``fused``): UL GEMM (A and router read in place, fp32 UL), gate
+- ``fused``: kernels/fused_linear.py as built (915cd18; kernels/README.md's launch table; its
+  launchers ``hlora_forward`` / ``hlora_backward``, strategy ``fused``): UL GEMM (A and router read in place, fp32 UL), gate
   kernel, y = [x, h] @ [W0, B]^T; torch.zeros(dB), the dh_db kernel (one dy pass: dh in fp32, dB by
   fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router], torch.zeros(dA, drouter),
-  d[A; router] by fp32 atomics, three casts to the parameters' bf16. Mixed batches masked.
+  d[A; router] by fp32 atomics, three casts to the parameters' bf16 (none for fp32 parameters).
+  Mixed batches masked.
 - ``cublas``: the same rank-space launches; the base through F.linear / torch.mm and the adapter
   GEMM accumulating into its output after it (reads and writes y and dx once more), as built.
 - ``fused_grouped``: ``fused`` with mixed batches grouped by plugin (issue 11 item 5; not built).

@@ -22,10 +22,11 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is the CPU stand-in; gpu_check.sh runs the real one"),
 ]
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-_loaded = sys.modules.get("hlora.kernels.fused_linear")
-if _loaded is not None and not _loaded.INTERPRET:
-    importlib.reload(_loaded)
+if not torch.cuda.is_available():  # on a GPU machine this module is skipped and must not switch the interpreter on
+    os.environ["TRITON_INTERPRET"] = "1"
+    _loaded = sys.modules.get("hlora.kernels.fused_linear")
+    if _loaded is not None and not _loaded.INTERPRET:
+        importlib.reload(_loaded)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "benchmarks", "bench_kernels.py"))
