@@ -38,9 +38,10 @@ def router_gates(logits: torch.Tensor) -> torch.Tensor:
 
 def rank_space(x2, A, router, ranks: Sequence[int], experts: Sequence[int], scales: Sequence[float],
                token_plugin, dropouts: Sequence[float]) -> torch.Tensor:
-    """h [T, sum(ranks)] for x2 [T, d_in]: one GEMM for [A; router], then each plugin's gate."""
-    u_logits = x2 @ torch.cat([A, router]).to(x2.dtype).t()  # [T, R + K]
-    u_all, logits_all = u_logits.split([sum(ranks), sum(experts)], dim=1)
+    """h [T, sum(ranks)] for x2 [T, d_in]: x2 A^T and the router logits x2 router^T, then each plugin's gate."""
+    # two products, not one over torch.cat([A, router]): no copy of the weights per call (the same
+    # dot products; a decode step is memory-bound and a CUDA graph would replay the copy every step)
+    u_all, logits_all = x2 @ A.to(x2.dtype).t(), x2 @ router.to(x2.dtype).t()  # [T, R], [T, K]
     hs = []
     for p, (u, logits, k_p, s_p, p_drop) in enumerate(
         zip(u_all.split(list(ranks), 1), logits_all.split(list(experts), 1), experts, scales, dropouts)
