@@ -85,6 +85,7 @@ def _decode_kernel(
             ul_acc = tl.dot(xs.to(DOT_DTYPE), mat.to(DOT_DTYPE), ul_acc, input_precision=PRECISION)
         tl.store(ul_ptr + offs_t[:, None] * stride_ult + cols[None, :], ul_acc,
                  mask=t_ok[:, None] & (cols < R + K)[None, :])
+        tl.debug_barrier()  # every thread's stores precede the one thread's release
         tl.atomic_add(counter_ptr, 1, sem="release")
     else:
         # ---- consumer: y[:, n_tile] = x @ W0^T + bias + h @ B^T ----------------------------------
@@ -105,6 +106,7 @@ def _decode_kernel(
         ready = tl.atomic_add(counter_ptr, 0, sem="acquire")
         while ready < NUM_PRODUCERS:
             ready = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        tl.debug_barrier()  # no thread reads UL before the acquire
 
         # gates [T, K]: softmax over each plugin's logits, floored like reference.router_gates
         offs_k = tl.arange(0, BLOCK_K)
