@@ -40,5 +40,6 @@ budget=$(( 440 - (SECONDS - start) )); [ "$budget" -lt 60 ] && budget=60
 python benchmarks/bench_kernels.py --budget-s "$budget" ${OUT:+--out-dir "$OUT"} "$@" 2>&1 | tee "$logs/bench.log"
 bench=${PIPESTATUS[0]}
 
+timeout 300 python benchmarks/generate.py --gpu --repeats 1 ${OUT:+--json "$OUT/generate.json"} 2>&1 | tee "$logs/generate.log"  # issue 16: decoding
 echo "gpu_check: pytest exit $tests, bench exit $bench, quantized base exit $quantized, $((SECONDS - start))s (logs in $logs)"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$quantized" -eq 0 ]
