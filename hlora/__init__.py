@@ -15,7 +15,9 @@ from .interop import from_peft
 from .io import load, plugin_state_dict, save
 from .layer import AdapterLayer, HLoRALinear, LoRALinear, MoELoRALinear
 from .model import (
+    add_plugin,
     adapter_layers,
+    delete_plugin,
     get_config,
     get_task,
     inject,
@@ -38,6 +40,8 @@ __all__ = [
     "HLoRAConfig",
     "inject",
     "unload",
+    "add_plugin",
+    "delete_plugin",
     "set_task",
     "get_task",
     "task",

@@ -87,6 +87,8 @@ class HLoRAConfig:
         modules_to_save: modules (exact or suffix names) trained in full and saved with the plugins,
             e.g. ``["lm_head", "embed_tokens"]``.
         variant: one of ``VARIANTS``; the baselines share this config surface.
+        plugin_targets: plugin name -> the exact module paths it adapts, for plugins that do not
+            sit at ``target_modules`` (``hlora.add_plugin`` with its own targets); ``None``: none.
     """
 
     plugins: dict
@@ -95,6 +97,7 @@ class HLoRAConfig:
     layers_to_transform: list | None = None
     modules_to_save: list | None = None
     variant: str = "hlora"
+    plugin_targets: dict | None = None
 
     def __post_init__(self):
         if not self.plugins:
@@ -117,6 +120,12 @@ class HLoRAConfig:
             self.layers_to_transform = [int(i) for i in self.layers_to_transform]
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if self.plugin_targets:
+            unknown = sorted(set(self.plugin_targets) - set(self.plugins))
+            if unknown:
+                raise ValueError(f"plugin_targets names {unknown}, which are not plugins ({self.plugin_names})")
+            self.plugin_targets = {n: sorted(set(self.plugin_targets[n])) for n in self.plugins if n in self.plugin_targets}
+        self.plugin_targets = self.plugin_targets or None
 
     @property
     def plugin_names(self) -> list:

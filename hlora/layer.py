@@ -150,6 +150,14 @@ class AdapterLayer(nn.Module):
             cfg, self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype
         )
 
+    def remove_plugin(self, name: str) -> None:
+        """Drop plugin ``name`` (held here or not) and its slot in the model-wide order."""
+        if name == self.merged:
+            raise RuntimeError(f"plugin {name!r} is merged into the base weight; unmerge it first")
+        if name in self.plugins:
+            del self.plugins[name]
+        self.plugin_names.remove(name)
+
     @property
     def base_weight(self) -> torch.Tensor:
         """The base weight as [d_out, d_in] (a transposed view for Conv1D)."""
@@ -169,7 +177,10 @@ class AdapterLayer(nn.Module):
         """-> (active plugin names, per-token index into them [T], or None when all tokens share one)."""
         if self.routing is None:
             return [], None
-        return [self.plugin_names[i] for i in self.routing.active], self.routing.token_plugin(x)
+        names, token_plugin = [self.plugin_names[i] for i in self.routing.active], self.routing.token_plugin(x)
+        if all(n in self.plugins for n in names):
+            return names, token_plugin
+        return _held_only(names, token_plugin, self.plugins)
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -231,6 +242,19 @@ class HLoRALinear(AdapterLayer):
             [p.dropout for p in ps],
             self.training,
         )
+
+
+def _held_only(names: list, token_plugin, held) -> tuple:
+    """Routing restricted to the plugins a layer holds (plugins added with their own targets are
+    absent elsewhere): tokens of an absent plugin take the base model only (index -1)."""
+    keep = [i for i, n in enumerate(names) if n in held]
+    if not keep:
+        return [], None
+    if token_plugin is None:  # one plugin for the whole batch, and this layer holds it
+        return [names[keep[0]]], None
+    remap = torch.full((len(names) + 1,), -1, dtype=token_plugin.dtype, device=token_plugin.device)  # [-1] stays -1
+    remap[torch.tensor(keep, device=token_plugin.device)] = torch.arange(len(keep), dtype=token_plugin.dtype, device=token_plugin.device)
+    return [names[i] for i in keep], remap[token_plugin]
 
 
 def _stack(tensors, dim=0):

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .config import HLoRAConfig
+from .config import HLoRAConfig, TargetSpec
 from .layer import LAYER_CLASSES, AdapterLayer, is_adaptable
 from .routing import Routing
 
@@ -31,6 +31,9 @@ __all__ = [
     "unmerge",
     "find_targets",
     "find_modules_to_save",
+    "plugin_layout",
+    "add_plugin",
+    "delete_plugin",
 ]
 
 Task = Union[None, str, Sequence, torch.Tensor]
@@ -108,6 +111,28 @@ def find_modules_to_save(model: nn.Module, config: HLoRAConfig) -> list:
     return found
 
 
+def plugin_layout(model: nn.Module, config: HLoRAConfig) -> dict:
+    """Module path -> the plugin names its adapter layer holds, in module order.
+
+    A plugin listed in ``config.plugin_targets`` sits at exactly those paths (``hlora.add_plugin``
+    with its own targets); every other plugin sits at ``find_targets(model, config)``. Paths that
+    would hold no plugin are left out."""
+    own = config.plugin_targets or {}
+    shared = [n for n in config.plugin_names if n not in own]
+    default = set(find_targets(model, config)) if shared else set()
+    modules = dict(model.named_modules())
+    for name, paths in own.items():
+        bad = [p for p in paths if p not in modules or not (is_adaptable(modules[p]) or isinstance(modules[p], AdapterLayer))]
+        if bad:
+            raise ValueError(f"plugin {name!r} targets {bad}, which are not Linear/Conv1D modules of {type(model).__name__}")
+    layout = {}
+    for path in modules:
+        names = [n for n in config.plugin_names if (path in own[n] if n in own else path in default)]
+        if names:
+            layout[path] = names
+    return layout
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
@@ -124,17 +149,22 @@ def inject(model: nn.Module, config: HLoRAConfig) -> nn.Module:
     """
     if get_config(model) is not None:
         raise RuntimeError("model already has hlora plugins; use hlora.unload(model) first, or hlora.load to add weights")
-    targets = find_targets(model, config)
+    layout = plugin_layout(model, config)
     find_modules_to_save(model, config)  # validate before touching the model
-    layer_cls = LAYER_CLASSES[config.variant]
     for p in model.parameters():
         p.requires_grad_(False)
-    for path in targets:
-        _set_submodule(model, path, layer_cls(model.get_submodule(path), config.plugins, config.plugin_names))
+    for path, names in layout.items():
+        _set_submodule(model, path, _new_layer(config, model.get_submodule(path), names))
     setattr(model, _CONFIG_ATTR, config)
     set_trainable(model)
     set_task(model, config.plugin_names[0])
     return model
+
+
+def _new_layer(config: HLoRAConfig, base: nn.Module, names: list) -> AdapterLayer:
+    """The adapter layer wrapping ``base`` with plugins ``names`` (indices in model-wide order)."""
+    layer_cls = LAYER_CLASSES[config.variant]
+    return layer_cls(base, {n: config.plugins[n] for n in names}, config.plugin_names)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -287,6 +317,105 @@ def print_trainable_parameters(model: nn.Module) -> tuple:
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
+
+
+# ---- adding and deleting plugins ----------------------------------------------------------------
+
+
+def _adaptable_paths(model: nn.Module, spec: TargetSpec) -> list:
+    """Paths of ``model`` that ``spec`` (as ``HLoRAConfig.target_modules``) picks among its adapter
+    layers and its not-yet-adapted Linear/Conv1D modules."""
+    heads = _output_head_names(model)
+    paths = []
+    for name, module in model.named_modules():
+        if not name or not (isinstance(module, AdapterLayer) or is_adaptable(module)):
+            continue
+        if (name not in heads) if spec == "all-linear" else _name_matches(name, spec):
+            paths.append(name)
+    return paths
+
+
+def _require_unmerged(model: nn.Module, action: str) -> None:
+    merged = sorted({layer.merged for layer in adapter_layers(model) if layer.merged is not None})
+    if merged:
+        raise RuntimeError(f"cannot {action} while plugin {merged[0]!r} is merged into the base weights; call hlora.unmerge(model) first")
+
+
+def _reroute(model: nn.Module, names: list) -> None:
+    """Route again after the plugin list changed: the same task if it names only plugins still there
+    (an int tensor's indices would now mean other plugins), else the first plugin."""
+    previous = getattr(model, _TASK_ATTR, None)
+    if previous is None or isinstance(previous, str) and previous in names:
+        set_task(model, previous)
+    elif isinstance(previous, (list, tuple)) and all(t is None or t in names for t in previous):
+        set_task(model, previous)
+    else:
+        set_task(model, names[0])
+
+
+def add_plugin(model: nn.Module, name: str, plugin, target_modules: TargetSpec | None = None,
+               freeze_existing: bool = True) -> None:
+    """Add a new task's plugin to an injected model, as PEFT's ``add_adapter``.
+
+    ``plugin``: a ``PluginConfig`` (or its dict). ``target_modules``: where it goes, in any form
+    ``HLoRAConfig.target_modules`` takes (matched against the model's adapted and plain linear
+    modules); ``None``: every adapted layer. Modules not adapted yet get an adapter layer holding
+    only this plugin; the new plugin gets the next index. What the existing plugins compute is
+    unchanged (their tensors and routing are untouched). The new plugin is trainable; with
+    ``freeze_existing`` everything else is frozen (``modules_to_save`` too: they are shared by
+    every task), otherwise the other ``requires_grad`` flags stay as they are. The model's config
+    (what ``hlora.save`` writes) records the plugin and, if they differ from the others', its paths.
+    Refused while a plugin is merged. The current task stays routed.
+    """
+    config = _require_config(model)
+    _require_unmerged(model, f"add plugin {name!r}")
+    if name in config.plugins:
+        raise ValueError(f"plugin {name!r} already exists (plugins {config.plugin_names}); hlora.delete_plugin it first or pick another name")
+    new_config = HLoRAConfig.from_dict({**config.to_dict(), "plugins": {**config.plugins, name: plugin}})  # validates
+    layers = dict(named_adapter_layers(model))
+    paths = list(layers) if target_modules is None else _adaptable_paths(model, target_modules)
+    if not paths:
+        raise ValueError(f"target_modules={target_modules!r} matched no linear module of {type(model).__name__}")
+    own = config.plugin_targets or {}
+    shared = {p for p, layer in layers.items() if any(n in layer.plugins and n not in own for n in config.plugin_names)}
+    if set(paths) != shared:
+        new_config.plugin_targets = {**own, name: sorted(paths)}
+    cfg = new_config.plugins[name]
+    for path, layer in layers.items():
+        if path in paths:
+            layer.add_plugin(name, cfg)
+        else:
+            layer.plugin_names.append(name)
+    for path in paths:
+        if path not in layers:
+            _set_submodule(model, path, _new_layer(new_config, model.get_submodule(path), [name]))
+    config.plugins, config.plugin_targets = new_config.plugins, new_config.plugin_targets
+    if freeze_existing:
+        set_trainable(model, [name], modules_to_save=False)
+    else:
+        for layer in adapter_layers(model):
+            if name in layer.plugins:
+                layer.plugins[name].requires_grad_(True)
+    _reroute(model, config.plugin_names)
+
+
+def delete_plugin(model: nn.Module, name: str) -> None:
+    """Remove plugin ``name`` from the model and its config, as PEFT's ``delete_adapter``; layers
+    left without plugins get their base module back. The other plugins keep their tensors and
+    compute the same; later plugins' indices move down by one. The task is re-routed as before if
+    it does not name the deleted plugin, else to the first remaining one. Refused while merged."""
+    config = _require_config(model)
+    _plugin_index(config.plugin_names, name)
+    if len(config.plugins) == 1:
+        raise ValueError(f"{name!r} is the model's only plugin; use hlora.unload(model) to remove hlora altogether")
+    _require_unmerged(model, f"delete plugin {name!r}")
+    for path, layer in list(named_adapter_layers(model)):
+        layer.remove_plugin(name)
+        if not layer.plugins:
+            _set_submodule(model, path, layer.base_layer)
+    config.plugins = {n: p for n, p in config.plugins.items() if n != name}
+    config.plugin_targets = {n: t for n, t in (config.plugin_targets or {}).items() if n != name} or None
+    _reroute(model, config.plugin_names)
 
 
 # ---- merging --------------------------------------------------------------------------------------
