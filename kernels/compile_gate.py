@@ -228,10 +228,19 @@ def compile_all(launches, archs=ARCHS, workers=2):
 
 
 def table(results) -> str:
-    lines = ["| kernel | roles | tile | arch | registers | spill bytes | shared KB | wgmma |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r.kernel, r.arch, r.tile, r.roles)):
-        lines.append(f"| {r.kernel} | {', '.join(r.roles)} | {r.tile} | sm_{r.arch} | {r.registers} | {r.spill_bytes} "
-                     f"| {r.shared / 1024:.1f} | {'yes' if r.wgmma else 'no'} |")
+    """Markdown: one row per (kernel, tile, arch), the worst case over its specialisations and roles."""
+    rows: dict = {}
+    for r in results:
+        key = (r.kernel, r.tile, r.arch)
+        roles, regs, spills, shared, wgmma, n = rows.get(key, (set(), 0, 0, 0, True, 0))
+        rows[key] = (roles | set(r.roles), max(regs, r.registers), max(spills, r.spill_bytes), max(shared, r.shared),
+                     wgmma and r.wgmma, n + 1)
+    lines = ["| kernel | tile | arch | roles | variants | registers | spill bytes | shared KB | wgmma |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, tile, arch), (roles, regs, spills, shared, wgmma, n) in sorted(rows.items()):
+        lines.append(f"| {kernel} | {tile.replace('num_', '')} | sm_{arch}{'a' if arch == 90 else ''} | "
+                     f"{', '.join(sorted(roles))} | {n} | {regs} | {spills} | {shared / 1024:.0f} | "
+                     f"{'yes' if wgmma else 'no'} |")
     return "\n".join(lines)
 
 

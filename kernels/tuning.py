@@ -13,6 +13,7 @@ never leaves it half written. Importable without Triton.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ __all__ = ["token_bucket", "cache_path", "choose", "clear_memory"]
 _MAX_FILE_BYTES = 8 * 2**20  # a cache of a few hundred choices is ~100 KB; anything larger is not ours
 _KERNEL_SOURCE = pathlib.Path(__file__).with_name("fused_linear.py")
 
-_memory: dict[str, str] = {}
+_memory: dict[tuple, str] = {}  # (what, device, shape) -> choice: the hot path's lookup
 _lock = threading.Lock()
 
 
@@ -43,6 +44,7 @@ def cache_path() -> pathlib.Path:
     return pathlib.Path(os.environ.get("HLORA_TUNING_CACHE", default))
 
 
+@functools.lru_cache(maxsize=None)
 def _versions() -> str:
     import triton  # optional dependency: only the kernels' launchers call into this module
 
@@ -50,6 +52,7 @@ def _versions() -> str:
     return f"torch={torch.__version__}|triton={triton.__version__}|kernels={digest}"
 
 
+@functools.lru_cache(maxsize=None)
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -91,19 +94,21 @@ def choose(what: str, device: torch.device, shape: Sequence, candidates: Sequenc
     ``shape`` must already hold bucketed token counts (``token_bucket``)."""
     if len(candidates) == 1:
         return candidates[0]
+    fast_key = (what, device, tuple(shape))
+    choice = _memory.get(fast_key)
+    if choice is not None and choice in candidates:
+        return choice
     key = key_of(what, device, shape)
     with _lock:
-        if key in _memory and _memory[key] in candidates:
-            return _memory[key]
         path = cache_path()
         stored = _read(path).get(key)
         if stored in candidates:
-            _memory[key] = stored
+            _memory[fast_key] = stored
             return stored
     times = {c: measure(c) for c in candidates}
     best = min(candidates, key=lambda c: times[c])
     with _lock:
-        _memory[key] = best
+        _memory[fast_key] = best
         data = _read(path)
         data[key] = best
         _write(path, data)

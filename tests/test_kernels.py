@@ -169,17 +169,19 @@ def test_forward_and_gradients_match_float64(name, dtype):
         assert torch.equal(y[tp == -1], y_base[tp == -1])
 
 
-@pytest.mark.parametrize("how", ["fused", "cublas", "module"])
-def test_strategies_and_a_module_base_match_float64(how, monkeypatch):
+@pytest.mark.parametrize("how,dtype", [("fused", torch.float32), ("cublas", torch.float32),
+                                       ("cublas", torch.bfloat16), ("module", torch.float32)],
+                         ids=["fused", "cublas", "cublas-bf16", "module"])
+def test_strategies_and_a_module_base_match_float64(how, dtype, monkeypatch):
     """Both strategies for the base product, and a base given as a module (its own forward and
     autograd, the adapter added into its output), on mixed routing with 70 tokens (enough for the
     weight gradients' atomic split under the interpreter)."""
     monkeypatch.setenv("HLORA_STRATEGY", "fused" if how == "module" else how)
     ranks, experts, scales = (12, 4), (3, 4), (1.0, 3.0)
-    case = make_case(70, 21, 19, ranks, experts, torch.float32)
+    case = make_case(70, 21, 19, ranks, experts, dtype)
     tp = torch.randint(-1, 2, (70,), generator=torch.Generator().manual_seed(5)).to(DEV)
     if how == "module":
-        base = torch.nn.Linear(21, 19).to(DEV).requires_grad_(False)
+        base = torch.nn.Linear(21, 19).to(DEV, dtype).requires_grad_(False)
         with torch.no_grad():
             base.weight.copy_(case["W"])
             base.bias.copy_(case["b"])
@@ -187,9 +189,11 @@ def test_strategies_and_a_module_base_match_float64(how, monkeypatch):
     else:
         y, w, grads = run(case, ranks, experts, scales, tp)
     y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
-    assert_near(y, y_ref, 1e-5, "y")
+    assert y.dtype == dtype
+    assert_near(y, y_ref, TOL[dtype], "y")
     for k in ("x", "A", "B", "router"):
-        assert_near(grads[k], g_ref[k], 2e-5, f"d{k}")
+        assert grads[k].dtype == case[k].dtype, k
+        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
 
 
 def test_unknown_strategy_is_refused(monkeypatch):
