@@ -17,7 +17,18 @@ from safetensors.torch import save_file
 from .checked import CheckpointError, copy_checked
 from .config import HLoRAConfig
 from .files import atomic_write
-from .model import find_modules_to_save, get_config, inject, named_adapter_layers, unload
+from .model import (
+    adapter_layers,
+    add_plugin,
+    delete_plugin,
+    find_modules_to_save,
+    get_config,
+    get_task,
+    inject,
+    named_adapter_layers,
+    set_task,
+    unload,
+)
 
 __all__ = ["save", "load", "load_plugin_state", "WEIGHTS_NAME", "plugin_state_dict"]
 
@@ -33,7 +44,30 @@ def _subset(config: HLoRAConfig, plugins) -> HLoRAConfig:
         raise CheckpointError(f"unknown plugin(s) {unknown}; available: {config.plugin_names}")
     data = config.to_dict()
     data["plugins"] = {n: data["plugins"][n] for n in config.plugin_names if n in plugins}
+    data["plugin_targets"] = {n: t for n, t in (config.plugin_targets or {}).items() if n in plugins} or None
     return HLoRAConfig.from_dict(data)
+
+
+def _renamed(config: HLoRAConfig, tensors: dict, rename: dict) -> tuple:
+    """The config and tensors with plugin ``old`` called ``rename[old]``."""
+    unknown = [old for old in rename if old not in config.plugins]
+    if unknown:
+        raise CheckpointError(f"rename names plugin(s) {unknown} that are not being loaded; loading {config.plugin_names}")
+    names = [rename.get(n, n) for n in config.plugin_names]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"rename {rename} gives two loaded plugins the same name: {names}")
+    data = config.to_dict()
+    data["plugins"] = {rename.get(n, n): p for n, p in data["plugins"].items()}
+    data["plugin_targets"] = {rename.get(n, n): t for n, t in (data["plugin_targets"] or {}).items()} or None
+    marks = {f".plugins.{old}.": f".plugins.{new}." for old, new in rename.items()}
+    renamed = {}
+    for key, t in tensors.items():
+        for mark, new_mark in marks.items():
+            if mark in key:
+                key = key.replace(mark, new_mark, 1)
+                break
+        renamed[key] = t
+    return HLoRAConfig.from_dict(data), renamed  # from_dict checks the new names
 
 
 def plugin_state_dict(model: nn.Module, plugins=None) -> dict:
@@ -94,19 +128,53 @@ def _compatible(have: HLoRAConfig, want: HLoRAConfig) -> None:
             raise CheckpointError(f"plugin {name!r}: checkpoint config {cfg} differs from the model's {have.plugins[name]}")
 
 
-def load(model: nn.Module, path: str | os.PathLike, plugins=None, strict: bool = True) -> nn.Module:
-    """Load a checkpoint saved by ``save``: injects the checkpoint's config if the model has no
-    plugins yet, then copies the tensors.
+def load(model: nn.Module, path: str | os.PathLike, plugins=None, rename: dict | None = None,
+         strict: bool = True) -> nn.Module:
+    """Load a checkpoint saved by ``save``: all its plugins or the named ``plugins``, each under
+    ``rename.get(name, name)``.
+
+    Into a model without plugins: injects the (selected, renamed) checkpoint config, everything
+    trainable as ``inject`` leaves it. Into an injected model: plugins it already holds (same
+    variant and config) get the checkpoint's values; the others are added (``add_plugin`` at the
+    checkpoint's module paths), frozen; other ``requires_grad`` flags and the task stay.
 
     Every key, shape and dtype is checked before any value is copied (``hlora.copy_checked``); on
-    any error the model is left exactly as it was (an injection done here is undone).
-    ``strict=False`` tolerates missing and unexpected keys but never a shape mismatch.
+    any error the model is left exactly as it was (plugins added or an injection done here are
+    undone, config and ``requires_grad`` restored). ``strict=False`` tolerates missing and
+    unexpected keys but never a shape mismatch.
     """
     ckpt_config, tensors = _read_checkpoint(path)
     wanted = _subset(ckpt_config, plugins)
     prefixes = tuple(f".plugins.{n}." for n in ckpt_config.plugin_names if n not in wanted.plugins)
     tensors = {k: v for k, v in tensors.items() if not any(p in k for p in prefixes)}
+    if rename:
+        wanted, tensors = _renamed(wanted, tensors, rename)
     return load_plugin_state(model, wanted, tensors, strict=strict, source=str(path))
+
+
+def _checkpoint_paths(config: HLoRAConfig, tensors: dict, name: str):
+    """Where the checkpoint puts plugin ``name``: the paths its tensors name (else its config's)."""
+    mark = f".plugins.{name}."
+    paths = sorted({k.split(mark, 1)[0] for k in tensors if mark in k})
+    return paths or (config.plugin_targets or {}).get(name) or config.target_modules
+
+
+def _add_checkpoint_plugins(model: nn.Module, config: HLoRAConfig, tensors: dict) -> list:
+    """Add (frozen) the plugins of ``config`` the injected ``model`` lacks; -> their names."""
+    have = get_config(model)
+    if have.variant != config.variant:
+        raise CheckpointError(f"checkpoint variant {config.variant!r} does not match the model's {have.variant!r}")
+    if any(layer.merged is not None for _, layer in named_adapter_layers(model)):
+        raise CheckpointError("cannot load plugins while one is merged into the base weights; call hlora.unmerge(model) first")
+    added = []
+    for name in config.plugin_names:
+        if name not in have.plugins:
+            add_plugin(model, name, config.plugins[name], _checkpoint_paths(config, tensors, name), freeze_existing=False)
+            added.append(name)
+            for layer in adapter_layers(model):
+                if name in layer.plugins:
+                    layer.plugins[name].requires_grad_(False)
+    return added
 
 
 @torch.no_grad()
@@ -117,14 +185,25 @@ def load_plugin_state(model: nn.Module, config: HLoRAConfig, tensors: dict, stri
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if injected_here:
         inject(model, config)
+    else:
+        have = get_config(model)
+        before = (dict(have.plugins), have.plugin_targets, get_task(model))
+    added = []
     try:
+        if not injected_here:
+            added = _add_checkpoint_plugins(model, config, tensors)
         _compatible(get_config(model), config)
         copy_checked(plugin_state_dict(model, config.plugin_names), tensors, strict=strict,
                      what=f"{source} into {type(model).__name__}")
     except BaseException:
         if injected_here:
             unload(model)
-            for n, p in model.named_parameters():
-                p.requires_grad_(requires_grad[n])
+        else:
+            for name in reversed(added):
+                delete_plugin(model, name)
+            have.plugins, have.plugin_targets = before[0], before[1]
+            set_task(model, before[2])
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad[n])
         raise
     return model
