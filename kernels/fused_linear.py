@@ -241,24 +241,18 @@ def _gemm_kernel(
     if HAS_CIN:
         acc += tl.load(cin_ptr + m64[:, None] * stride_cinm + n64[None, :] * stride_cinn, mask=c_mask).to(tl.float32)
 
-    if HAS_C2:  # rows >= M_SPLIT go to the second output
+    if HAS_C2:  # rows >= M_SPLIT go to the second output (of the same dtype): one pointer per element
         top = offs_m < M_SPLIT
         m_lo = tl.where(top, m64, 0)
         m_hi = tl.where(top, 0, m64 - M_SPLIT)
-        ptr1 = c_ptr + m_lo[:, None] * stride_cm + n64[None, :] * stride_cn
-        ptr2 = c2_ptr + m_hi[:, None] * stride_c2m + n64[None, :] * stride_c2n
-        if ATOMIC:
-            tl.atomic_add(ptr1, acc, mask=c_mask & top[:, None], sem="relaxed")
-            tl.atomic_add(ptr2, acc, mask=c_mask & ~top[:, None], sem="relaxed")
-        else:
-            tl.store(ptr1, acc.to(c_ptr.dtype.element_ty), mask=c_mask & top[:, None])
-            tl.store(ptr2, acc.to(c2_ptr.dtype.element_ty), mask=c_mask & ~top[:, None])
+        ptrs = tl.where(top[:, None], c_ptr + m_lo[:, None] * stride_cm + n64[None, :] * stride_cn,
+                        c2_ptr + m_hi[:, None] * stride_c2m + n64[None, :] * stride_c2n)
     else:
-        ptr1 = c_ptr + m64[:, None] * stride_cm + n64[None, :] * stride_cn
-        if ATOMIC:
-            tl.atomic_add(ptr1, acc, mask=c_mask, sem="relaxed")
-        else:
-            tl.store(ptr1, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        ptrs = c_ptr + m64[:, None] * stride_cm + n64[None, :] * stride_cn
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=c_mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 # Tiles for H100 / H200 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Large problems (the training
@@ -324,6 +318,8 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     K1 = a1.shape[1]
     K2 = a2.shape[1] if a2 is not None else 0
     K3 = a3.shape[1] if a3 is not None else 0
+    if out2 is not None and out2.dtype != out.dtype:
+        raise ValueError("the two outputs of a row-split GEMM must share a dtype")
     if M == 0 or N == 0:
         return
     dev = a1.device
