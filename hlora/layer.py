@@ -34,9 +34,12 @@ def _conv1d_cls():
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """``nn.Linear`` (or a subclass that keeps its forward) or transformers' ``Conv1D``."""
+    """``nn.Linear`` (or a subclass that keeps its forward), transformers' ``Conv1D``, or a quantized
+    linear (bitsandbytes 4-bit / 8-bit, torchao: ``hlora.quantized``)."""
+    from .quantized import is_quantized_linear  # here: hlora.quantized subclasses this module's layers
+
     conv1d = _conv1d_cls()
-    if conv1d is not None and isinstance(module, conv1d):
+    if (conv1d is not None and isinstance(module, conv1d)) or is_quantized_linear(module):
         return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .config import HLoRAConfig, TargetSpec
 from .layer import LAYER_CLASSES, AdapterLayer, is_adaptable
+from .quantized import quantized_layer_class
 from .routing import Routing
 
 __all__ = [
@@ -163,8 +164,9 @@ def inject(model: nn.Module, config: HLoRAConfig) -> nn.Module:
 
 def _new_layer(config: HLoRAConfig, base: nn.Module, names: list) -> AdapterLayer:
     """The adapter layer wrapping ``base`` with plugins ``names`` (indices in model-wide order)."""
-    layer_cls = LAYER_CLASSES[config.variant]
-    return layer_cls(base, {n: config.plugins[n] for n in names}, config.plugin_names)
+    layer_cls = quantized_layer_class(base, config.variant) or LAYER_CLASSES[config.variant]
+    layer = layer_cls(base, {n: config.plugins[n] for n in names}, config.plugin_names)
+    return layer.train(base.training)  # a new module starts in training mode: dropout in an eval model
 
 
 def unload(model: nn.Module) -> nn.Module:
