@@ -11,7 +11,7 @@
 from . import functional
 from .checked import CheckpointError, copy_checked
 from .config import HLoRAConfig, PluginConfig
-from .interop import from_peft
+from .interop import from_peft, to_peft
 from .io import load, plugin_state_dict, save
 from .layer import AdapterLayer, HLoRALinear, LoRALinear, MoELoRALinear
 from .model import (
@@ -55,6 +55,7 @@ __all__ = [
     "load",
     "plugin_state_dict",
     "from_peft",
+    "to_peft",
     "CheckpointError",
     "copy_checked",
     "adapter_layers",

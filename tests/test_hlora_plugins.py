@@ -104,6 +104,7 @@ def test_a_plugin_with_its_own_targets_adapts_only_those(tiny_model, tmp_path):
     assert sorted(layers["model.layers.0.self_attn.q_proj"].plugins) == ["gen2"]  # adapted for it alone
     assert sorted(layers["model.layers.1.self_attn.v_proj"].plugins) == ["comp", "gen"]
     assert sorted(layers["model.layers.1.self_attn.o_proj"].plugins) == ["comp", "gen", "gen2"]
+    assert not any(layer.training for layer in layers.values())  # new layers follow the eval model (no dropout)
     after = _outputs(model, x)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
