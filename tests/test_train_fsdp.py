@@ -1,0 +1,229 @@
+"""FSDP2 on real processes (torchrun, gloo, CPU): sharded storage, the same training as one process,
+kill and resume, the gathered save in our normal format, bf16 dtypes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from healthgpt.model.healthgpt import HealthGPT
+from healthgpt.training import fsdp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, SAVE_AT, LR = 4, 2, 1e-2
+
+# The model, batches and optimizer, shared by the workers and the single-process reference (which
+# runs this same text), so both sides train the same thing.
+COMMON = textwrap.dedent("""
+    import torch, hlora
+    from healthgpt.constants import IMAGE_TOKEN_INDEX
+    from healthgpt.model.config import TINY_VQ, HealthGPTConfig
+    from healthgpt.model.healthgpt import HealthGPT
+
+    TASKS = ["comp", "gen", "gen", "comp"]  # each rank of two gets one of each: routing is per sample
+
+    def build():
+        torch.manual_seed(0)
+        model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=dict(TINY_VQ, resolution=32)))
+        model.set_trainable(plugins=("comp", "gen"), projectors=("comp", "gen"))
+        for layer in hlora.adapter_layers(model.llm):
+            for plugin in layer.plugins.values():
+                plugin.dropout = 0.0  # random masks would differ between one process and two
+        model.activation_checkpointing_enable()  # the recompute must see the per-sample routing
+        return model.train()
+
+    def batch(step, model):
+        g = torch.Generator().manual_seed(100 + step)
+        P, T = model.num_image_tokens, 7 + step
+        ids = torch.randint(3, 30000, (4, T + 2 + P), generator=g)
+        ids[:, 1:1 + P] = IMAGE_TOKEN_INDEX
+        labels = ids.clone()
+        labels[:, :2 + P] = -100
+        images = torch.randn(4, 3, 56, 56, generator=g)
+        return ids, labels, images
+
+    def optimizer(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=%r)
+""" % LR)
+
+WORKER = COMMON + textwrap.dedent("""
+    import json, os, signal, sys
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from healthgpt.training import fsdp
+
+    out, role, steps, save_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build()
+    fsdp.shard_model(model, mixed_precision="bf16" if role == "bf16" else None)
+    opt = optimizer(model)
+    report = {"sizes": fsdp.shard_sizes(model), "class": type(model).__name__, "losses": []}
+    if role == "bf16":
+        seen = {}
+        layer = hlora.adapter_layers(model.llm)[0]
+        layer.register_forward_pre_hook(lambda m, a: seen.update(
+            compute=str(m.plugins["gen"].A.dtype), base=str(m.base_weight.dtype), input=str(a[0].dtype)))
+    start = 0
+    if role == "resume":
+        fsdp.load_sharded(model, opt, os.path.join(out, "ckpt"))
+        start = save_at
+    share = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    for step in range(start, steps):
+        if role == "kill" and step == save_at:
+            fsdp.save_sharded(model, opt, os.path.join(out, "ckpt"))
+            dist.barrier()
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean exit: the checkpoint must stand on its own
+        ids, labels, images = batch(step, model)
+        loss = model(input_ids=ids[share], images=images[share], tasks=TASKS[share], labels=labels[share]).loss
+        loss.backward()
+        if role == "bf16" and step == 0:
+            report["dtypes"] = dict(seen, sharded=str(layer.plugins["gen"].A.dtype),
+                                    grad=str(layer.plugins["gen"].A.grad.dtype), loss=str(loss.dtype))
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean)
+        report["losses"].append(mean.item() / world)
+    state = fsdp.gather_state_dict(model)
+    if rank == 0:
+        trained = {k: v for k, v in state.items() if ".plugins." in k or k.startswith("projectors.")}
+        save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out, "trained.safetensors"))
+        if role == "full":  # our normal format, from a fresh copy of the starting model
+            fresh = build()
+            fresh.load_state_dict(state)
+            fresh.save_pretrained(os.path.join(out, "model"))
+    with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, role, expect_ok=True):
+    out = tmp_path / role
+    out.mkdir(exist_ok=True)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(out), role, str(STEPS), str(SAVE_AT)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def _reports(out):
+    return [json.load(open(out / f"report-{r}.json")) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, the whole global batch of 4 per step, plain fp32: losses and trained weights."""
+    scope = {}
+    exec(COMMON, scope)
+    torch.manual_seed(0)
+    model = scope["build"]()
+    opt = scope["optimizer"](model)
+    losses = []
+    for step in range(STEPS):
+        ids, labels, images = scope["batch"](step, model)
+        loss = model(input_ids=ids, images=images, tasks=scope["TASKS"], labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items() if ".plugins." in k or k.startswith("projectors.")}
+    return {"losses": losses, "trained": trained, "start": scope["build"]().state_dict()}
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp"), "full")[0]
+
+
+def test_each_rank_holds_half_and_training_matches_one_process(full_run, reference):
+    reports = _reports(full_run)
+    assert all(r["class"] == "FSDPHealthGPT" for r in reports)
+    sizes = [r["sizes"] for r in reports]
+    assert sizes[0]["full"] == sizes[1]["full"] == sum(v.numel() for v in reference["start"].values())
+    assert all(s["unsharded"] == 0 for s in sizes)  # every parameter, frozen or trainable, is sharded
+    assert sizes[0]["local"] + sizes[1]["local"] == sizes[0]["full"]
+    for s in sizes:  # dim-0 shards: about half each (uneven first dims leave a few rows over)
+        assert abs(s["local"] / s["full"] - 0.5) < 0.01, s
+
+    for r in reports:
+        assert len(r["losses"]) == STEPS
+        assert max(abs(x - y) for x, y in zip(r["losses"], reference["losses"])) < 1e-4, (r["losses"], reference["losses"])
+    trained = load_file(full_run / "trained.safetensors")
+    assert _worst(trained, reference["trained"]) < 1e-4
+    moved = _worst(trained, {k: reference["start"][k] for k in trained})
+    assert moved > 1e-3  # both plugins and projectors did train
+    for task in ("comp", "gen"):
+        b = [k for k in trained if f".plugins.{task}." in k and k.endswith(".B")]
+        assert b and max(trained[k].abs().max().item() for k in b) > 1e-3, f"plugin {task} did not train"
+
+
+def test_gathered_save_loads_on_one_process(full_run, reference):
+    loaded = HealthGPT.from_pretrained(str(full_run / "model"))
+    trained = load_file(full_run / "trained.safetensors")
+    state = loaded.state_dict()
+    assert state.keys() == reference["start"].keys()
+    assert _worst(trained, {k: state[k] for k in trained}) == 0.0
+    frozen = [k for k in state if k not in trained]
+    assert len(frozen) > 100  # the base weights came back whole from their shards, unchanged
+    assert _worst({k: state[k] for k in frozen}, {k: reference["start"][k] for k in frozen}) == 0.0
+
+
+def test_kill_and_resume_ends_like_the_uninterrupted_run(full_run, tmp_path):
+    out, proc = _launch(tmp_path, "kill", expect_ok=False)
+    assert proc.returncode != 0  # it really died
+    assert os.path.isdir(out / "ckpt") and not os.path.exists(out / "ckpt.staging")
+    assert not (out / "trained.safetensors").exists()
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    os.replace(out / "ckpt", resume / "ckpt")
+    _launch(tmp_path, "resume")
+    assert _worst(load_file(resume / "trained.safetensors"), load_file(full_run / "trained.safetensors")) < 1e-6
+    full_losses = _reports(full_run)[0]["losses"]
+    assert max(abs(x - y) for x, y in zip(_reports(resume)[0]["losses"], full_losses[SAVE_AT:])) < 1e-6
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path, reference):
+    out, _ = _launch(tmp_path, "bf16")
+    reports = _reports(out)
+    for r in reports:
+        d = r["dtypes"]
+        assert d["compute"] == d["base"] == d["input"] == "torch.bfloat16"  # the gathered unit, inside the forward
+        assert d["sharded"] == d["grad"] == "torch.float32"  # master weights and their reduced gradients
+        assert max(abs(x - y) for x, y in zip(r["losses"], reference["losses"])) < 5e-2  # bf16 rounding only
+    trained = load_file(out / "trained.safetensors")
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert _worst(trained, reference["trained"]) < 5e-2
+
+
+def test_fsdp_refuses_a_single_process():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(fsdp.FSDPError, match="torchrun"):
+        fsdp.shard_model(model)
+    assert not fsdp.is_sharded(model)
