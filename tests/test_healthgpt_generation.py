@@ -34,6 +34,8 @@ def test_generate_image_is_exactly_1024_codes_then_end(model):
         assert ids[-1] == v.end
         assert all(v.code0 <= t < v.code0 + v.num_codes for t in ids[:-1])
     assert len(set(out[0][:-1])) > 1  # greedy over distinct rows, not one repeated token
+    # the static path (default) and the eager DynamicCache loop agree over all 1025 steps
+    assert out == model.generate([_image(0), None], ["Convert this CT to MRI.", "A normal chest X-ray."], "gen", static=False)
     image = model.generate_image(_image(0), "Convert this CT to MRI.")
     assert isinstance(image, Image.Image) and image.size == (256, 256) and image.mode == "RGB"
     want = model.image_tokenizer.decode_images(torch.tensor([out[0][:-1]]) - v.code0)[0]
@@ -54,6 +56,11 @@ def test_sampling_stays_in_code_range_and_is_seeded(model):
     assert a == b and a[0] != a[1]  # same seed, same draws; two rows, two draws
     for ids in a:
         assert len(ids) == 1025 and ids[-1] == v.end and all(v.code0 <= t < v.code0 + v.num_codes for t in ids[:-1])
+    # a mixed batch through the warpers: top_k=1 keeps one token per step, so sampling is greedy decoding
+    texts, tasks = ["Describe it.", "A brain MRI."], ["comp", "gen"]
+    greedy = model.generate([None, None], texts, tasks, max_new_tokens=5)
+    assert model.generate([None, None], texts, tasks, max_new_tokens=5, do_sample=True, top_k=1, temperature=0.5,
+                          seed=3) == greedy
 
 
 def test_answer_and_batched_answers_agree(model):
