@@ -265,7 +265,10 @@ GEMM_TILES = [
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
 ]
-# rank-space outputs (UL: N = R + K; dA/drouter: M = R + K) use tiles no larger than these
+# d[A; router] (fp32 atomic epilogue, M = R + K): larger tiles spill on sm_80 (24-2300 B) and
+# 128x256 on sm_90 (176 B), so this launch has one tile
+DAR_TILES = [(64, 64, 64, 4, 4)]
+# rank-space outputs (UL: N = R + K) use tiles no wider than this
 _RANK_SIDE_MAX = 128
 _SMALL_PROBLEM = 2**30  # M * N * K below this (about 1 GFLOP, microseconds on an H100): fixed tile
 _SPLIT_ALIGN = 16 if INTERPRET else 256  # slices of a split K axis: a multiple of every BLOCK_K
@@ -275,15 +278,15 @@ def _tile(bm, bn, bk, warps, stages, group_m=8):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
 
 
-def _gemm_tiles(M, N, K, m_cap=None, n_cap=None):
+def _gemm_tiles(M, N, K, n_cap=None, tiles=GEMM_TILES):
     if INTERPRET:  # small tiles: several tiles and K steps even on the tests' tiny shapes
         return [_tile(16, 16, 16, 4, 1, group_m=2)]
-    if M * N * K < _SMALL_PROBLEM:
-        return [_tile(16 if M <= 16 else 64, 64, 64, 4, 3)]
-    m_cap = min(m_cap or 1 << 30, max(32, triton.next_power_of_2(M)))
+    if M * N * K < _SMALL_PROBLEM:  # decode steps: 16 rows with 2 stages (3 spill in the ul GEMM)
+        return [_tile(16, 64, 64, 4, 2) if M <= 16 else _tile(64, 64, 64, 4, 3)]
+    m_cap = max(32, triton.next_power_of_2(M))
     n_cap = min(n_cap or 1 << 30, max(32, triton.next_power_of_2(N)))
-    kept = [_tile(*t) for t in GEMM_TILES if t[0] <= m_cap and t[1] <= n_cap]
-    return kept or [_tile(*GEMM_TILES[-1])]
+    kept = [_tile(*t) for t in tiles if t[0] <= m_cap and t[1] <= n_cap]
+    return kept or [_tile(*tiles[-1])]
 
 
 _NUM_SMS: dict = {}
@@ -305,7 +308,7 @@ def _split_for(M: int, N: int, tokens_bucket: int, device: torch.device) -> int:
 
 
 def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3=None, b3=None, bias=None,
-         cin=None, out2=None, atomic=False, dot_dtype, m_cap=None, n_cap=None):
+         cin=None, out2=None, atomic=False, dot_dtype, n_cap=None, tiles=GEMM_TILES):
     """out[M, N] = a1 @ b1^T (+ a2 @ b2^T) (+ a3 @ b3^T) (+ bias) (+ cin), any strides (pass
     transposed views freely). ``b1x``: rows n >= n_split of B1 are ``b1x[n - n_split]``. ``out2``:
     rows m >= out.shape[0] of the product go to ``out2[m - out.shape[0]]``. ``atomic``: the
@@ -370,7 +373,7 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     shape = (M, N) if atomic else (N, K1)  # the token axis: K1 for weight gradients, M otherwise
     flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic)
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
-    _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, m_cap, n_cap), key,
+    _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles), key,
                 reset if atomic else None))
 
 
@@ -420,10 +423,10 @@ def _dh_db_kernel(
     tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
 
 
-DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages)
-    (256, 64, 64, 8, 3),
+DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages); BLOCK_T 256 / BLOCK_R 64 spill on sm_80
     (128, 64, 128, 8, 3),
-    (128, 64, 64, 4, 3),
+    (128, 32, 128, 8, 3),
+    (64, 64, 64, 4, 3),
 ]
 
 
@@ -722,6 +725,6 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
         dA = torch.zeros((R, D), dtype=torch.float32, device=dev)
         drouter = torch.zeros((K, D), dtype=torch.float32, device=dev)
         gemm("dar", dA, dul[:, : R + K].t(), x.t(), out2=drouter, atomic=True, tokens=T, dot_dtype=dt,
-             m_cap=_RANK_SIDE_MAX)
+             tiles=DAR_TILES)
         dA, dB, drouter = dA.to(A.dtype), dB.to(B.dtype), drouter.to(router.dtype)  # no copy for float32
     return dx, dA, dB, drouter

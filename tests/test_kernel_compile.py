@@ -43,7 +43,7 @@ def test_every_kernel_and_role_is_compiled_for_both_archs(compiled):
     assert roles == {(role, arch) for role in ROLES for arch in (90, 80)}
     # the training shapes offer the tuner several tiles per GEMM role
     tiles = {role: {r["tile"] for r in compiled if role in r["roles"] and r["arch"] == 90} for role in ROLES}
-    assert all(len(tiles[role]) >= 3 for role in ("ul", "y_fused", "dx_fused", "dar", "dh_db")), tiles
+    assert all(len(tiles[role]) >= 3 for role in ROLES - {"gate_fwd", "gate_bwd", "dar"}), tiles
 
 
 def test_no_spills_and_shared_memory_within_the_arch_limit(compiled):
