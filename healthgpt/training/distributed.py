@@ -1,0 +1,116 @@
+"""Which sharding engine a ``healthgpt train`` run may use here, and the configs it reads.
+
+Nothing trains as something else: an engine option that cannot run as asked stops the run with
+``EngineError`` naming why and what to use instead.
+
+- **DeepSpeed on CPU processes** is refused. Tried here (deepspeed 0.19.8, ``DS_ACCELERATOR=cpu``,
+  gloo, torch 2.13 CPU): the CPU accelerator first JIT-compiles its ``deepspeed_shm_comm`` C++ op
+  (about 15 minutes on a loaded 2-core machine); then a toy model trains through the HF Trainer
+  under ZeRO-2 and ZeRO-3, but HealthGPT does not: ZeRO-2 aborts after the first checkpoint with
+  ``gloo::EnforceNotMet ... op.preamble.length <= op.nbytes. 4096 vs 3584. Received data size
+  doesn't match expected size`` (a collective mismatch between the ranks), and ZeRO-3 fails while
+  building the model under ``zero.Init`` with ``AssertionError: Check batch related parameters.
+  train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1``.
+  On GPUs ``--deepspeed`` goes to the Trainer's DeepSpeed integration unchanged (not run in CI).
+- **FSDP on CPU processes through the Trainer** is refused: accelerate 1.15 keeps DDP for CPU
+  processes whatever the FSDP plugin says (its ``MULTI_CPU`` path), so ``--fsdp`` there would train
+  unsharded. FSDP2 itself runs on CPU processes with gloo (``healthgpt.training.fsdp``, proven by
+  tests/test_train_fsdp.py); on GPUs ``--fsdp`` is the Trainer's FSDP2 with ``configs/fsdp.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["EngineError", "check_engine", "load_deepspeed_config", "load_fsdp_config", "CONFIGS_DIR",
+           "DEEPSPEED_ON_CPU", "FSDP_ON_CPU"]
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+DEEPSPEED_ON_CPU = (
+    "--deepspeed does not run on CPU processes here: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo) "
+    "aborts HealthGPT's ZeRO-2 run with a gloo collective size mismatch after the first checkpoint and fails "
+    "ZeRO-3's zero.Init while the model is built (healthgpt/training/distributed.py has the errors). "
+    "Use --fsdp on GPUs, or DeepSpeed on GPUs")
+FSDP_ON_CPU = (
+    "--fsdp does not shard CPU processes through the Trainer: accelerate keeps DDP for CPU processes, so this "
+    "run would train unsharded. Run --fsdp on GPUs (NCCL), or drop --fsdp to train with DDP on CPUs; "
+    "healthgpt.training.fsdp shards a model on CPU processes (gloo) for your own training loop")
+
+# The keys transformers' TrainingArguments documents for ``fsdp_config`` (FSDP2).
+FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing", "cpu_ram_efficient_loading",
+             "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params"}
+DEEPSPEED_KEYS = {"bf16", "fp16", "zero_optimization", "gradient_accumulation_steps", "gradient_clipping",
+                  "train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print", "wall_clock_breakdown",
+                  "optimizer", "scheduler", "zero_allow_untested_optimizer", "activation_checkpointing"}
+ZERO_KEYS = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size",
+             "allgather_bucket_size", "allgather_partitions", "sub_group_size", "stage3_prefetch_bucket_size",
+             "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+             "stage3_gather_16bit_weights_on_model_save", "offload_optimizer", "offload_param"}
+
+
+class EngineError(ValueError):
+    """An engine option that cannot run as asked; the message says why and what to use."""
+
+
+def check_engine(*, fsdp: bool, deepspeed: str | None, use_cpu: bool) -> None:
+    """Raise ``EngineError`` for a combination that would not run as asked (module docstring)."""
+    if fsdp and deepspeed:
+        raise EngineError("--fsdp and --deepspeed are two sharding engines: pass one")
+    if deepspeed and use_cpu:
+        raise EngineError(DEEPSPEED_ON_CPU)
+    if fsdp and use_cpu:
+        raise EngineError(FSDP_ON_CPU)
+    if deepspeed:
+        load_deepspeed_config(deepspeed)
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise EngineError(f"{what} {path}: no such file (examples in {CONFIGS_DIR})")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise EngineError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def load_deepspeed_config(path: str) -> dict:
+    """A ZeRO-2/3 config as the Trainer will receive it, checked: known keys only, a ZeRO stage of 2
+    or 3, the batch geometry left ``"auto"`` (``--global-batch-size`` sets it), and ZeRO-3 gathering
+    16-bit weights for the final save."""
+    data = _read_json(path, "DeepSpeed config")
+    unknown = sorted(set(data) - DEEPSPEED_KEYS)
+    zero = data.get("zero_optimization")
+    if unknown:
+        raise EngineError(f"DeepSpeed config {path}: unknown keys {unknown}")
+    if not isinstance(zero, dict) or zero.get("stage") not in (2, 3):
+        raise EngineError(f"DeepSpeed config {path}: zero_optimization.stage must be 2 or 3")
+    unknown = sorted(set(zero) - ZERO_KEYS)
+    if unknown:
+        raise EngineError(f"DeepSpeed config {path}: unknown zero_optimization keys {unknown}")
+    fixed = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+             if data.get(k, "auto") != "auto"]
+    if fixed:
+        raise EngineError(f"DeepSpeed config {path}: leave {fixed} as \"auto\" (the run's batch geometry fills them)")
+    if zero["stage"] == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise EngineError(f"DeepSpeed config {path}: ZeRO-3 needs stage3_gather_16bit_weights_on_model_save: true")
+    return data
+
+
+def load_fsdp_config(path: str) -> dict:
+    """An FSDP2 ``fsdp_config`` for the Trainer, checked: known keys only, version 2, layer classes named."""
+    data = _read_json(path, "FSDP config")
+    unknown = sorted(set(data) - FSDP_KEYS)
+    if unknown:
+        raise EngineError(f"FSDP config {path}: unknown keys {unknown} (known: {sorted(FSDP_KEYS)})")
+    if data.get("version", 2) != 2:
+        raise EngineError(f"FSDP config {path}: version must be 2 (FSDP2)")
+    layers = data.get("transformer_layer_cls_to_wrap")
+    if not layers or not all(isinstance(c, str) for c in layers):
+        raise EngineError(f"FSDP config {path}: transformer_layer_cls_to_wrap must list layer class names")
+    return data
