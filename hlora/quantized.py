@@ -34,7 +34,14 @@ import torch.nn as nn
 from .functional import hlora_linear
 from .layer import HLoRALinear, _stack
 
-__all__ = ["QuantizedHLoRALinear", "quantization_kind", "is_quantized_linear", "compute_dtype", "nf4_weight_bytes"]
+__all__ = [
+    "QuantizedHLoRALinear",
+    "quantization_kind",
+    "is_quantized_linear",
+    "compute_dtype",
+    "nf4_weight_bytes",
+    "quantize_4bit",
+]
 
 PLUGIN_DTYPE = torch.float32
 
@@ -85,6 +92,34 @@ def nf4_weight_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
     else:
         absmax = 4 * blocks
     return numel / 2 + absmax
+
+
+@torch.no_grad()
+def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, *, skip=(), quant_type: str = "nf4",
+                  double_quant: bool = True) -> list:
+    """Replace every plain ``nn.Linear`` of ``model`` (paths in ``skip``, e.g. the output head, and
+    their submodules excepted) by a bitsandbytes ``Linear4bit`` holding its weight quantized where the
+    weight lives (bitsandbytes' CPU backend on a CPU; a later ``.to("cuda")`` moves the quantized
+    weight and its statistics), with the bias kept dense. The same layers transformers'
+    ``BitsAndBytesConfig(load_in_4bit=True, ...)`` builds, for models built in code. Returns the paths."""
+    import bitsandbytes as bnb  # optional dependency ([quant]): only for models quantized here
+
+    skip = tuple(skip)
+    done = []
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                     quant_type=quant_type)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q.to(module.weight.device))  # quantizes
+        done.append(path)
+    return done
 
 
 class QuantizedHLoRALinear(HLoRALinear):

@@ -103,6 +103,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: auto, cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="hold the LLM's linears (not lm_head) in bitsandbytes nf4 (HealthGPTConfig.load_in_4bit)")
 
 
 def model_from_args(args):
@@ -111,14 +113,15 @@ def model_from_args(args):
     ``--seed`` (with ``TINY_WARNING``); moved to ``--device`` and put in eval mode."""
     import torch
 
+    from healthgpt.model.config import HealthGPTConfig
     from healthgpt.model.healthgpt import HealthGPT
 
     if args.weights is None:
         warnings.warn(TINY_WARNING, stacklevel=2)
         torch.manual_seed(args.seed)
-        model = HealthGPT("tiny")
+        model = HealthGPT(HealthGPTConfig.preset("tiny", load_in_4bit=args.load_in_4bit))
     else:
-        model = HealthGPT.from_pretrained(args.weights)
+        model = HealthGPT.from_pretrained(args.weights, **({"load_in_4bit": True} if args.load_in_4bit else {}))
     device = args.device
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"

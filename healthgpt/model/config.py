@@ -14,9 +14,28 @@ from dataclasses import asdict, dataclass, field, fields
 
 from healthgpt.constants import TASKS
 
-__all__ = ["HealthGPTConfig", "MODEL_PRESETS", "CONFIG_NAME"]
+__all__ = ["HealthGPTConfig", "MODEL_PRESETS", "CONFIG_NAME", "llm_weight_bytes"]
 
 CONFIG_NAME = "healthgpt_config.json"
+
+
+def llm_weight_bytes(llm_config: dict, load_in_4bit: bool, vocab_size: int | None = None) -> dict:
+    """Bytes of a Phi-3-architecture LLM's weights in 16-bit, or with its decoder linears in nf4 with
+    double quantization (``load_in_4bit``; ``hlora.quantized.nf4_weight_bytes``): ``{"linear", "other",
+    "total"}``. ``other`` (embeddings, ``lm_head``, norms) stays 16-bit either way; ``vocab_size``
+    defaults to the config's (HealthGPT adds 8195 generation tokens to the tokenizer's)."""
+    from hlora.quantized import nf4_weight_bytes  # local: the config module imports nothing heavy
+
+    c = llm_config
+    hidden, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or c["num_attention_heads"]
+    shapes = [(hidden + 2 * kv * head_dim, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
+    per_layer = [o * i for o, i in shapes]  # qkv_proj, o_proj, gate_up_proj, down_proj
+    linear = layers * sum(nf4_weight_bytes(n) if load_in_4bit else 2 * n for n in per_layer)
+    vocab = vocab_size or c["vocab_size"]
+    other = 2 * (2 * vocab * hidden + (2 * layers + 1) * hidden)  # embed_tokens + lm_head, 2 norms per layer + final
+    return {"linear": linear, "other": other, "total": linear + other}
 
 
 # ---- architectures (used when the matching *_path is None: random weights) ----------------------
@@ -88,6 +107,9 @@ class HealthGPTConfig:
         dtype: torch dtype name of the LLM, vision tower and projectors (the image tokenizer stays float32).
         attn_implementation: ``None`` picks flash_attention_2 when flash-attn is installed, CUDA is
             available and ``dtype`` is 16-bit, else ``"sdpa"``.
+        load_in_4bit: hold the LLM's linear layers (all but ``lm_head``) in bitsandbytes nf4 with double
+            quantization, computing in ``dtype`` (QLoRA); the vision tower, projectors, embeddings and
+            ``lm_head`` stay in ``dtype``. Needs ``hlora[quant]``. ``llm_weight_bytes`` gives the saving.
     """
 
     template: str = "phi3"
@@ -103,6 +125,7 @@ class HealthGPTConfig:
     visual_layers: dict = field(default_factory=lambda: {"comp": -2, "gen": 1})
     dtype: str = "float32"
     attn_implementation: str | None = None
+    load_in_4bit: bool = False
 
     def __post_init__(self):
         from healthgpt.model.templates import TEMPLATES  # local: templates imports nothing from here at import time

@@ -22,6 +22,7 @@ import torch.nn as nn
 from transformers import Phi3Config, Phi3ForCausalLM
 
 import hlora
+from hlora.quantized import quantize_4bit
 
 from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
 from healthgpt.data.dataset import Collator
@@ -100,6 +101,8 @@ class HealthGPT(nn.Module):
 
         self.llm = load_llm(config.llm_path, config.llm_config, dtype, attn)
         resize_embeddings_with_mean(self.llm, len(self.tokenizer), self.gen_vocab.base_size)
+        if config.load_in_4bit:
+            quantize_4bit(self.llm, dtype, skip=["lm_head"])
         hlora.inject(self.llm, hlora.HLoRAConfig(plugins=config.plugins, target_modules="all-linear"))
 
         self.vision = load_vision_tower(config.vision_path, config.vision_config, dtype, attn)
@@ -430,6 +433,12 @@ class HealthGPT(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write the model to ``directory`` (layout in ``healthgpt.model.weights``)."""
+        if self.healthgpt_config.load_in_4bit and self.healthgpt_config.llm_path is None:
+            raise ValueError(
+                "a 4-bit HealthGPT saves its plugins, projectors and fusion layer and reads the base LLM from llm_path; "
+                "this one's LLM has random weights (llm_path None), which would be lost: save a model built "
+                "without load_in_4bit, or give llm_path"
+            )
         return save_model(self, directory)
 
     @classmethod

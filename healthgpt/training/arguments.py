@@ -49,6 +49,8 @@ class TrainArguments:
     tokenizer_path: str | None = field(default=None, metadata=_help("local tokenizer directory (default: the LLM's)"))
     image_tokenizer_path: str | None = field(default=None, metadata=_help("VQGAN directory (healthgpt convert-vqgan)"))
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(default=None, metadata=_help("model weights dtype"))
+    load_in_4bit: bool = field(default=False, metadata=_help(
+        "QLoRA: the LLM's linears (not lm_head) in bitsandbytes nf4, computing in --dtype (HealthGPTConfig.load_in_4bit)"))
 
     # ---- hyperparameters (default: the preset's) ---------------------------------------------------
     lr: float | None = field(default=None, metadata=_help("learning rate of plugins / fusion layer"))
