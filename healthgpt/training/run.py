@@ -299,8 +299,8 @@ def build_model(args: TrainArguments, preset: str, given: HealthGPT | None, mode
     if args.init is not None:
         if not os.path.isdir(args.init):
             raise TrainError(f"--init {args.init} is not a directory")
-        overrides = {k: v for k, v in dict(llm_path=args.llm_path, vision_path=args.vision_path, dtype=args.dtype).items()
-                     if v is not None}
+        overrides = {k: v for k, v in dict(llm_path=args.llm_path, vision_path=args.vision_path, dtype=args.dtype,
+                                           load_in_4bit=args.load_in_4bit or None).items() if v is not None}
 
         def rebuild():
             return HealthGPT.from_pretrained(args.init, **overrides)
@@ -308,7 +308,8 @@ def build_model(args: TrainArguments, preset: str, given: HealthGPT | None, mode
         source = f"loaded from {args.init}"
     else:
         fields = dict(llm_path=args.llm_path, vision_path=args.vision_path, tokenizer_path=args.tokenizer_path,
-                      image_tokenizer_path=args.image_tokenizer_path, dtype=args.dtype)
+                      image_tokenizer_path=args.image_tokenizer_path, dtype=args.dtype,
+                      load_in_4bit=args.load_in_4bit or None)
         cfg_overrides = {**{k: v for k, v in fields.items() if v is not None}, **(model_overrides or {})}
         name = args.model_preset or preset
 
