@@ -39,6 +39,7 @@ from healthgpt.data.vq_cache import file_digest
 from healthgpt.model.config import HealthGPTConfig
 from healthgpt.model.healthgpt import HealthGPT
 from healthgpt.training.arguments import TrainArguments, TrainError
+from healthgpt.training.distributed import EngineError, check_engine, load_fsdp_config
 from healthgpt.training.stages import StagePlan, apply_stage, plan_stage
 from healthgpt.training.trainer import LOSS_PNG, HealthGPTTrainer, LossLogCallback, clean_staging, read_loss_log
 
@@ -245,11 +246,16 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
     if use_cpu and (args.bf16 or args.fp16):
         say("note: mixed precision on the CPU is slow; the paper trained bf16 on GPUs")
     fsdp_config = args.fsdp_config or (os.path.join(CONFIGS_DIR, "fsdp.json") if args.fsdp else None)
-    if args.deepspeed is not None:
-        if not os.path.isfile(args.deepspeed):
-            raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise TrainError("--deepspeed needs the deepspeed package, which is not installed (pip install deepspeed)")
+    if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
+        raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
+    try:  # an engine that cannot run as asked stops here rather than train as something else
+        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu)
+        if args.fsdp:
+            load_fsdp_config(fsdp_config)
+    except EngineError as e:
+        raise TrainError(str(e)) from None
+    if args.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise TrainError("--deepspeed needs the deepspeed package, which is not installed (pip install hlora[deepspeed])")
     distributed = geometry.processes > 1
     try:
         return TrainingArguments(
