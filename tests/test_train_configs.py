@@ -79,3 +79,16 @@ def test_engine_combinations_that_cannot_run_stop():
     check_engine(fsdp=True, deepspeed=None, use_cpu=False)  # GPUs: the Trainer's FSDP2
     check_engine(fsdp=False, deepspeed=zero2, use_cpu=False)  # GPUs: the Trainer's DeepSpeed
     check_engine(fsdp=False, deepspeed=None, use_cpu=True)  # CPUs: DDP
+
+
+@pytest.mark.parametrize("flags, message", [(["--fsdp"], "unsharded"),
+                                            (["--deepspeed", os.path.join(CONFIGS_DIR, "zero3.json")], "CPU processes")])
+def test_healthgpt_train_refuses_what_would_run_as_something_else(flags, message, tmp_path, capsys):
+    from healthgpt.cli.train import main
+
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    out = tmp_path / "out"
+    rc = main(["--stage", "3", "--task", "mixed", "--data", str(data), "--output", str(out), "--preset", "tiny", "--cpu", *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (out / "run_config.json").exists()  # it stopped before building or training anything
