@@ -187,9 +187,10 @@ def test_unstaged_or_misplaced_saves_fail_loudly(tiny_model, tmp_path):
 
 
 def test_private_trainer_api_used_is_still_there(tiny_model, tmp_path):
-    # the only private Trainer methods HealthGPTTrainer overrides, with the signatures it assumes
-    overridden = sorted(n for n in vars(HealthGPTTrainer) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n))
-    assert overridden == ["_load_from_checkpoint"]
+    # the only private Trainer methods HealthGPTTrainer overrides (itself or through HLoRATrainerMixin), with the signatures it assumes
+    own = HealthGPTTrainer.__mro__[:HealthGPTTrainer.__mro__.index(Trainer)]
+    overridden = sorted({n for c in own for n in vars(c) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)})
+    assert overridden == ["_load_best_model", "_load_from_checkpoint"]
     assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
     assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
     # the label-shift flag HealthGPTTrainer sets is the one this Trainer computes (True for a causal LM)

@@ -7,12 +7,13 @@
   once complete, so a crash or a kill mid-save leaves the previous checkpoints untouched and never
   a half-written ``checkpoint-N`` (``get_last_checkpoint`` only sees complete ones). Leftover
   staging folders are removed on the next start.
-- **Small checkpoints** (``save_model``/``_load_from_checkpoint``): without DeepSpeed/FSDP a checkpoint
-  holds only the trainable tensors (``trainable.safetensors``) plus optimizer, scheduler, RNG and
+- **Small checkpoints**: hlora's Trainer mechanism (``hlora.integrations.transformers.HLoRATrainerMixin``:
+  ``save_model``, resume and ``load_best_model_at_end`` through one hook pair) with HealthGPT's
+  trainable state: without DeepSpeed/FSDP a checkpoint holds only the trainable tensors
+  (``trainable.safetensors``: plugins, projector, fusion layer) plus optimizer, scheduler, RNG and
   trainer state; the frozen weights are the run's starting point, rebuilt on resume. DeepSpeed and
-  FSDP checkpoints are their engines' own. ``_load_from_checkpoint`` is the one private Trainer
-  method overridden here (resuming has no public hook); ``tests/test_train_checkpoint.py`` checks
-  that transformers still calls it with the arguments relied on.
+  FSDP checkpoints are their engines' own. ``tests/test_train_checkpoint.py`` and
+  ``tests/test_hlora_trainer.py`` check that transformers still calls the private methods relied on.
 - **Per-task losses** (``compute_loss``/``log``): mixed batches also log ``loss_comp`` and
   ``loss_gen`` (mean token cross-entropy of each task's samples since the last log).
 
@@ -34,6 +35,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from hlora import copy_checked
 from hlora.files import atomic_write
+from hlora.integrations.transformers import HLoRATrainerMixin
 
 from healthgpt.constants import IGNORE_INDEX, TASKS as _TASKS
 
@@ -159,7 +161,7 @@ class AtomicCheckpoints(TrainerCallback):
         _barrier(args)
 
 
-class HealthGPTTrainer(Trainer):
+class HealthGPTTrainer(HLoRATrainerMixin, Trainer):
     """``Trainer`` for one HealthGPT stage (module docstring).
 
     Args (besides ``Trainer``'s): ``param_groups``: ``[{"name", "lr", "params": [Parameter]}]``
@@ -250,31 +252,22 @@ class HealthGPTTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def _engine_checkpoints(self) -> bool:
-        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    # The hook pair of HLoRATrainerMixin (which calls it from save_model, resume and best-model
+    # loading): HealthGPT trains more than the plugins, so its checkpoints hold every trainable tensor.
+    # (``HealthGPT.save_pretrained`` writes the whole model.)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Without DeepSpeed/FSDP: the trainable tensors (``trainable.safetensors``) and the Trainer's
-        arguments only; the frozen weights are the run's starting point. With them: the engine's save.
-        (``HealthGPT.save_pretrained`` writes the whole model.)"""
-        if self._engine_checkpoints():
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
+    def save_trainable_state(self, output_dir: str) -> None:
         trainable = {n: p.detach().contiguous().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
-        if self._engine_checkpoints() or not os.path.isfile(path):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def holds_trainable_state(self, checkpoint_dir: str) -> bool:
+        return os.path.isfile(os.path.join(checkpoint_dir, TRAINABLE_FILE))
+
+    def load_trainable_state(self, checkpoint_dir: str, model=None) -> None:
         model = self.model if model is None else model
-        tensors = load_file(path)
+        tensors = load_file(os.path.join(checkpoint_dir, TRAINABLE_FILE))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        copy_checked(params, tensors, what=f"checkpoint {resume_from_checkpoint} into this run's trainable parameters "
+        copy_checked(params, tensors, what=f"checkpoint {checkpoint_dir} into this run's trainable parameters "
                                            f"(resume with the same --stage/--task and model as the run that wrote it)")
 
 
