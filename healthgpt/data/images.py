@@ -21,31 +21,51 @@ Intensity (``intensity_unit``, then ``to_uint8``: ``rint(255 u)``):
   the window is the file's (first ``WindowCenter``/``WindowWidth``, its ``VOILUTFunction``) unless one
   is given. ``MONOCHROME1`` is inverted after the window (``1 - u``). Colour data comes as RGB
   (pydicom converts YCbCr; ``PALETTE COLOR`` goes through its lookup table). Multi-frame data:
-  ``frame`` (default: the middle one).
-- NIfTI: the volume (``scl_slope``/``scl_inter`` applied, NaN/inf set to 0, float32) is reoriented
-  to RAS+, ``slice_index`` along ``axis`` (default: the middle of axis 2, axial) is rotated 90
-  degrees for display (anterior/superior up, patient's right on the image's left), then windowed
-  or min-max. 4-D data: volume ``frame`` (default 0).
+  ``frame`` (default: the middle one). Files without the Part-10 preamble/meta (legacy ACR-NEMA
+  style) are read too (``force``; the transfer syntax is the one pydicom detects).
+- NIfTI: the volume (``scl_slope``/``scl_inter`` applied, float32) is reoriented to RAS+,
+  ``slice_index`` along ``axis`` (default: the middle of axis 2, axial) is rotated 90 degrees for
+  display (anterior/superior up, patient's right on the image's left), then windowed or min-max.
+  4-D data: volume ``frame`` (default 0). Non-finite voxels are replaced by the finite range's ends
+  (NaN and -inf by the lowest finite value, +inf by the highest; 0 when none is finite) so min-max
+  runs on finite values, and a ``NonFiniteVoxelsWarning`` says how many.
+
+Resources (user files are untrusted): only what is shown is decoded. ``load_image`` reads one NIfTI
+slice through nibabel's array proxy (a 1024^3 volume costs one 1024^2 slice) and one DICOM frame;
+before decoding, the declared size of that 2-D image (PNG/JPEG width x height, DICOM Rows x Columns,
+the NIfTI slice plane) is checked against ``max_pixels`` (argument, else the environment variable
+``HEALTHGPT_MAX_PIXELS``, else ``DEFAULT_MAX_PIXELS``), and a deflated DICOM, which must be inflated
+whole to reach any frame, has all its frames counted. Over the limit: ``ImageLoadError`` naming the
+file, the declared size and the limit.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
+import zlib
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 __all__ = [
     "load_image",
     "ImageLoadError",
+    "NonFiniteVoxelsWarning",
+    "DEFAULT_MAX_PIXELS",
+    "max_pixels_limit",
     "DicomImage",
     "read_dicom",
     "read_volume",
     "take_slice",
+    "read_slice",
     "voi_window",
     "intensity_unit",
     "to_uint8",
@@ -57,8 +77,55 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000^2: far above any radiology image, far below a decompression bomb
+_MAX_PIXELS_ENV = "HEALTHGPT_MAX_PIXELS"
+
+
 class ImageLoadError(ValueError):
     """An input image that cannot be read; the message names the file and the reason."""
+
+
+class NonFiniteVoxelsWarning(UserWarning):
+    """NaN/inf voxels were replaced before the intensity mapping; the message says how many."""
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels``, else ``$HEALTHGPT_MAX_PIXELS``, else the default."""
+    if max_pixels is None:
+        text = os.environ.get(_MAX_PIXELS_ENV)
+        if text is None:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(text)
+        except ValueError:
+            raise ImageLoadError(f"{_MAX_PIXELS_ENV} must be a whole number of pixels, got {text!r}") from None
+    if int(max_pixels) < 1:
+        raise ImageLoadError(f"the pixel limit must be >= 1, got {max_pixels}")
+    return int(max_pixels)
+
+
+def _check_size(path: str, what: str, shape: tuple, max_pixels: int, hint: str = "") -> None:
+    pixels = int(np.prod([int(n) for n in shape], dtype=object))
+    if pixels > max_pixels:
+        raise ImageLoadError(
+            f"{path}: {what} declares {' x '.join(str(int(n)) for n in shape)} = {pixels:,} pixels, over the "
+            f"limit of {max_pixels:,}{hint} (raise it with max_pixels= or ${_MAX_PIXELS_ENV} if the file is trusted)")
+
+
+def _finite(values: np.ndarray, path: str) -> np.ndarray:
+    """Non-finite values -> the ends of the finite range (module docstring), with a warning."""
+    bad = ~np.isfinite(values)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return values
+    good = values[~bad]
+    lo, hi = (float(good.min()), float(good.max())) if good.size else (0.0, 0.0)
+    out = np.where(np.isposinf(values), hi, values)
+    out[bad & ~np.isposinf(values)] = lo
+    warnings.warn(f"{path}: {count} non-finite voxel(s) (NaN/inf) of {values.size} replaced "
+                  f"(NaN and -inf by {lo:g}, +inf by {hi:g}) before the intensity mapping",
+                  NonFiniteVoxelsWarning, stacklevel=3)
+    return out.astype(values.dtype, copy=False)
 
 
 # ---- intensity ---------------------------------------------------------------------------------------
@@ -146,21 +213,63 @@ def _is_dicom(path: str) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def read_dicom(path: str | os.PathLike, frame: int | None = None) -> DicomImage:
-    """Frame ``frame`` (default: the middle one) of a DICOM file (module docstring)."""
+_DEFLATED_HEAD_BYTES = 1 << 20  # inflated bytes enough for any header before the pixel data
+_PIXEL_DATA = 0x7FE00010
+_DEFER_BYTES = 1 << 16
+_SYNTAX_OF_ENCODING = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+                       (False, False): ExplicitVRBigEndian}
+
+
+def _deflated_header(path: str, meta) -> pydicom.Dataset | None:
+    """The elements before the pixel data of a deflated file, inflating at most 1 MiB (pydicom's
+    reader inflates the whole file first, so its declared size is checked on this instead)."""
+    with open(path, "rb") as f:
+        read_preamble(f, force=True)
+        f.seek(f.tell() + 12 + int(meta.get("FileMetaInformationGroupLength", 0)))  # group length element + group
+        head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(f.read(_DEFLATED_HEAD_BYTES), _DEFLATED_HEAD_BYTES)
+    try:
+        return read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag == _PIXEL_DATA)
+    except Exception:  # a header longer than the inflated head: pydicom's own read reports what is wrong
+        return None
+
+
+def read_dicom(path: str | os.PathLike, frame: int | None = None, max_pixels: int | None = None) -> DicomImage:
+    """Frame ``frame`` (default: the middle one) of a DICOM file (module docstring): the header is
+    read first, its Rows x Columns checked against ``max_pixels``, then only that frame decoded."""
     path = os.fspath(path)
-    ds = pydicom.dcmread(path)
+    limit = max_pixels_limit(max_pixels)
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # no Part-10 meta (legacy files): the dataset is read with force below
+        meta = pydicom.Dataset()
+    deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if deflated:
+        head = _deflated_header(path, meta)
+        if head is not None:
+            shape = (int(head.get("NumberOfFrames", 1) or 1), int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0))
+            _check_size(path, "the deflated DICOM (inflated whole to reach any frame)", shape, limit)
+        ds = pydicom.dcmread(path)
+    else:
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_BYTES)  # large values stay on disk
     if "PixelData" not in ds:
         raise ImageLoadError(f"{path}: DICOM file has no pixel data")
-    arr = ds.pixel_array
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size(path, "the DICOM frame", (rows, cols), limit)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         index = frames // 2 if frame is None else int(frame)
         if not -frames <= index < frames:
             raise ImageLoadError(f"{path}: frame {index} is out of range for {frames} frames")
-        arr = arr[index]
+        index %= frames
     elif frame not in (None, 0):
         raise ImageLoadError(f"{path}: single-frame DICOM, frame {frame} does not exist")
+    else:
+        index = None
+    if deflated:
+        arr = pixel_array(ds, index=index)
+    else:
+        syntax = ds.file_meta.get("TransferSyntaxUID") or _SYNTAX_OF_ENCODING[ds.original_encoding]
+        arr = pixel_array(path, index=index, transfer_syntax_uid=syntax)  # reads that one frame only
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if photometric == "PALETTE COLOR":
@@ -185,23 +294,71 @@ def read_dicom(path: str | os.PathLike, frame: int | None = None) -> DicomImage:
 
 
 def read_volume(path: str | os.PathLike, frame: int | None = None) -> np.ndarray:
-    """A NIfTI volume as float32 [X, Y, Z] in RAS+ order (scaling applied, NaN/inf -> 0).
+    """A whole NIfTI volume as float32 [X, Y, Z] in RAS+ order (scaling applied, non-finite voxels
+    replaced with a warning: module docstring). For the converters, which use every slice; showing
+    one slice is ``read_slice``, which reads only that slice.
 
     4-D data gives volume ``frame`` (default 0); anything but 3-D or 4-D raises ``ImageLoadError``.
     """
     path = os.fspath(path)
-    img = nib.as_closest_canonical(nib.load(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4:
-        index = 0 if frame is None else int(frame)
-        if not -data.shape[3] <= index < data.shape[3]:
-            raise ImageLoadError(f"{path}: volume {index} is out of range for {data.shape[3]} volumes")
-        data = data[..., index]
-    elif frame not in (None, 0):
-        raise ImageLoadError(f"{path}: 3-D NIfTI, volume {frame} does not exist")
-    if data.ndim != 3:
-        raise ImageLoadError(f"{path}: NIfTI data of shape {data.shape} is not a 3-D or 4-D volume")
-    return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    img = nib.load(path)
+    shape = img.shape
+    if len(shape) == 4:
+        index = _volume_index(path, shape, frame)
+        data = img.dataobj[..., index]
+    elif len(shape) == 3:
+        _volume_index(path, shape, frame)
+        data = img.dataobj
+    else:
+        raise ImageLoadError(f"{path}: NIfTI data of shape {shape} is not a 3-D or 4-D volume")
+    ornt = nib.io_orientation(img.affine)
+    data = nib.orientations.apply_orientation(np.asarray(data, dtype=np.float32), ornt)
+    return _finite(np.ascontiguousarray(data), path)
+
+
+def _volume_index(path: str, shape: tuple, frame: int | None) -> int | None:
+    if len(shape) == 3:
+        if frame not in (None, 0):
+            raise ImageLoadError(f"{path}: 3-D NIfTI, volume {frame} does not exist")
+        return None
+    index = 0 if frame is None else int(frame)
+    if not -shape[3] <= index < shape[3]:
+        raise ImageLoadError(f"{path}: volume {index} is out of range for {shape[3]} volumes")
+    return index % shape[3]
+
+
+def read_slice(path: str | os.PathLike, index: int | None = None, axis: int = 2, frame: int | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
+    """``take_slice(read_volume(path, frame), index, axis)`` (float32, display orientation), reading
+    only that slice from the file through nibabel's array proxy; the slice plane's declared size is
+    checked against ``max_pixels`` first."""
+    path = os.fspath(path)
+    img = nib.load(path)  # header only; the data stay on disk behind img.dataobj
+    shape = img.shape
+    if len(shape) not in (3, 4):
+        raise ImageLoadError(f"{path}: NIfTI data of shape {shape} is not a 3-D or 4-D volume")
+    volume = _volume_index(path, shape, frame)
+    if axis not in (0, 1, 2):
+        raise ImageLoadError(f"axis must be 0, 1 or 2, got {axis}")
+    ornt = nib.io_orientation(img.affine)  # row i: voxel axis i -> RAS axis ornt[i, 0], flipped if -1
+    voxel_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+    n = shape[voxel_axis]
+    k = n // 2 if index is None else int(index)
+    if not -n <= k < n:
+        raise ImageLoadError(f"{path}: slice {k} is out of range for {n} slices along axis {axis}")
+    k %= n
+    plane = [shape[i] for i in range(3) if i != voxel_axis]
+    _check_size(path, f"the NIfTI slice plane (axis {axis})", tuple(plane), max_pixels_limit(max_pixels))
+    slicer = [slice(None)] * 3 + ([volume] if volume is not None else [])
+    slicer[voxel_axis] = k if ornt[voxel_axis, 1] > 0 else n - 1 - k
+    data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)  # [rest of the voxel axes]
+    rest = [i for i in range(3) if i != voxel_axis]
+    for j, i in enumerate(rest):
+        if ornt[i, 1] < 0:
+            data = np.flip(data, j)
+    if ornt[rest[0], 0] > ornt[rest[1], 0]:  # voxel order -> RAS order of the two shown axes
+        data = data.T
+    return _finite(np.ascontiguousarray(np.rot90(data)), path)
 
 
 def take_slice(volume: np.ndarray, index: int | None = None, axis: int = 2) -> np.ndarray:
@@ -219,20 +376,20 @@ def take_slice(volume: np.ndarray, index: int | None = None, axis: int = 2) -> n
 # ---- any input ---------------------------------------------------------------------------------------
 
 
-def _load_file(path: str, window, frame, axis, slice_index) -> Image.Image:
+def _load_file(path: str, window, frame, axis, slice_index, max_pixels) -> Image.Image:
     if path.lower().endswith(_NIFTI_SUFFIXES):
-        volume = read_volume(path, frame)
         try:
-            sl = take_slice(volume, slice_index, 2 if axis is None else int(axis))
+            sl = read_slice(path, slice_index, 2 if axis is None else int(axis), frame, max_pixels)
         except ImageLoadError as e:
-            raise ImageLoadError(f"{path}: {e}") from None
+            raise ImageLoadError(e if str(e).startswith(path) else f"{path}: {e}") from None
         return to_pil(to_uint8(intensity_unit(sl, window)))
     if _is_dicom(path):
-        d = read_dicom(path, frame)
+        d = read_dicom(path, frame, max_pixels)
         if d.is_color:
             return to_pil(d.values)
         return to_pil(to_uint8(intensity_unit(d.values, window or d.window, d.invert, d.voi_function)))
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # reads the header only; pixels are decoded by load()
+        _check_size(path, "the image", (im.height, im.width), max_pixels_limit(max_pixels))
         im.load()
         if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float greyscale PNG, TIFF
             return to_pil(to_uint8(intensity_unit(np.asarray(im), window)))
@@ -246,6 +403,7 @@ def load_image(
     frame: int | None = None,
     axis: int | None = None,
     slice_index: int | None = None,
+    max_pixels: int | None = None,
 ) -> Image.Image:
     """A medical image as an 8-bit RGB ``PIL.Image`` (module docstring has the intensity mapping).
 
@@ -256,6 +414,8 @@ def load_image(
             for NIfTI and non-uint8 arrays the LINEAR window to use instead of min-max.
         frame: DICOM multi-frame frame / 4-D NIfTI volume.
         axis, slice_index: NIfTI slicing axis (0 sagittal, 1 coronal, 2 axial) and index.
+        max_pixels: the most pixels the shown 2-D image may declare (default: ``$HEALTHGPT_MAX_PIXELS``
+            or ``DEFAULT_MAX_PIXELS``); checked on the header, before anything is decoded.
     """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
@@ -268,7 +428,7 @@ def load_image(
     if not os.path.isfile(path):
         raise ImageLoadError(f"{path}: no such file")
     try:
-        return _load_file(path, window, frame, axis, slice_index)
+        return _load_file(path, window, frame, axis, slice_index, max_pixels)
     except ImageLoadError:
         raise
     except Exception as e:  # pydicom, nibabel and Pillow raise many types for a bad file
