@@ -27,10 +27,13 @@ tests=${PIPESTATUS[0]}
 # before the benchmark so that the benchmark's budget accounts for it.
 quantized=0
 shopt -s nullglob
-quantized_tests=(tests/test_quantized_base*.py)
+quantized_tests=(tests/test_hlora_quantized.py)  # its layer tests on CUDA: bitsandbytes 4/8-bit + the cublas strategy
 if [ ${#quantized_tests[@]} -gt 0 ]; then
-    timeout 120 python -m pytest "${quantized_tests[@]}" -q -p no:cacheprovider 2>&1 | tee "$logs/quantized.log"
+    timeout 120 python -m pytest "${quantized_tests[@]}" -k cuda -q -p no:cacheprovider 2>&1 | tee "$logs/quantized.log"
     quantized=${PIPESTATUS[0]}
+    timeout 90 python benchmarks/bench_quantized.py --device cuda --hidden 3072 --inter 8192 --seq 2048 --reps 10 \
+        --json "$logs/bench_quantized.json" 2>&1 | tee -a "$logs/quantized.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || quantized=1
 else
     echo "gpu_check: no quantized-base tests yet (issue 13)" | tee "$logs/quantized.log"
 fi

@@ -3,6 +3,7 @@ dense; the 4-bit model computes the dense model with the dequantized weights; tr
 what ``set_trainable`` names; the weight-memory function against real modules; the CLI flag."""
 
 import argparse
+import pathlib
 
 import bitsandbytes.functional as bnbF
 import numpy as np
@@ -15,7 +16,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 import hlora
 from healthgpt import HealthGPT, HealthGPTConfig
 from healthgpt.cli import add_model_arguments, model_from_args
-from healthgpt.model.config import TINY_PHI3, _plugins, llm_weight_bytes
+from healthgpt.model.config import PHI3_MINI_4K, PHI4, TINY_PHI3, _plugins, llm_weight_bytes
 from hlora.quantized import QuantizedHLoRALinear, quantization_kind, quantize_4bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,3 +130,10 @@ def test_cli_flag_builds_a_4bit_model():
         model = model_from_args(parser.parse_args(["--load-in-4bit", "--device", "cpu"]))
     assert model.healthgpt_config.load_in_4bit
     assert all(isinstance(m, QuantizedHLoRALinear) for m in hlora.adapter_layers(model.llm))
+
+
+def test_readme_states_the_computed_saving():
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text().split())
+    for name, llm, vocab in (("M3", PHI3_MINI_4K, 32011 + 8195), ("L14", PHI4, 100352 + 8195)):
+        dense, nf4 = (llm_weight_bytes(llm, q, vocab)["total"] / 2**30 for q in (False, True))
+        assert f"{name} {dense:.2f} GiB" in readme and f"-> {nf4:.2f} GiB ({dense - nf4:.2f} GiB saved)" in readme, name

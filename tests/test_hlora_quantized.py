@@ -3,12 +3,21 @@ file through benchmarks/gpu_check.sh) and torchao: the layer against an independ
 expert-by-expert reference on the dequantized weight, gradients, routing, the transformers
 BitsAndBytesConfig path on tiny Llama / Phi-3, save/load, merge refused, and PEFT QLoRA import."""
 
+import importlib
 import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # the kernels' path runs in the Triton interpreter here (as in test_kernels.py)
+    os.environ["TRITON_INTERPRET"] = "1"
+    _loaded = sys.modules.get("hlora.kernels.fused_linear")
+    if _loaded is not None and not _loaded.INTERPRET:
+        importlib.reload(_loaded)
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
-import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
@@ -81,11 +90,18 @@ def _reference_delta(x64, plugins, token_plugin, d_out):
 # ---- one layer against float64 --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["nf4_double_fp32", "fp4_bf16", "bnb_8bit", "torchao"])
-def test_layer_equals_quantized_base_plus_float64_formula(kind, device):
-    if kind == "torchao" and device == "cuda":
-        pytest.skip("the torchao path runs on the CPU here; on CUDA it is the same callable-base path as bitsandbytes")
+LAYER_CASES = [  # (kind, device, backend): "auto" is the kernels on CUDA, the torch reference on a CPU
+    *[(kind, "cpu", "auto") for kind in ("nf4_double_fp32", "fp4_bf16", "bnb_8bit", "torchao")],
+    ("nf4_double_fp32", "cpu", "triton"),  # the kernels' callable-base path, in the interpreter
+    ("bnb_8bit", "cpu", "triton"),
+    *[(kind, "cuda", "auto") for kind in ("nf4_double_fp32", "fp4_bf16", "bnb_8bit") if "cuda" in DEVICES],
+]
+
+
+@pytest.mark.parametrize("kind, device, backend", LAYER_CASES)
+def test_layer_equals_quantized_base_plus_float64_formula(kind, device, backend, monkeypatch):
+    monkeypatch.setenv("HLORA_BACKEND", backend)
+    monkeypatch.setenv("HLORA_KERNELS_POISON", "1")  # kernel outputs start as NaN: an unwritten element fails
     torch.manual_seed(0)
     q = _quantized_linear(kind, nn.Linear(D_IN, D_OUT), device)
     model = nn.Sequential(q)
