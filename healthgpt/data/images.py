@@ -327,13 +327,34 @@ def _volume_index(path: str, shape: tuple, frame: int | None) -> int | None:
     return index % shape[3]
 
 
+_SLAB_BYTES = 32 << 20
+
+
+def _read_plane(proxy, slicer: tuple, voxel_axis: int, shape: tuple) -> np.ndarray:
+    """``proxy[slicer]`` as float32. A plane across voxel axis 2 (stored last) is contiguous and read
+    directly; any other plane is strided over the whole file, and nibabel reads a strided slice of a
+    gzipped file point by point (minutes for a large volume), so it is cut from contiguous slabs
+    ``[:, :, z0:z1]`` of at most ``_SLAB_BYTES`` (counted as float64, nibabel's scaled type)."""
+    if voxel_axis == 2:
+        return np.asarray(proxy[slicer], dtype=np.float32)
+    step = max(1, _SLAB_BYTES // (int(shape[0]) * int(shape[1]) * 8))
+    out = np.empty([shape[i] for i in range(3) if i != voxel_axis], dtype=np.float32)
+    for z0 in range(0, shape[2], step):
+        z1 = min(z0 + step, shape[2])
+        slab = list(slicer)
+        slab[voxel_axis], slab[2] = slice(None), slice(z0, z1)
+        out[:, z0:z1] = np.take(np.asarray(proxy[tuple(slab)]), slicer[voxel_axis], axis=voxel_axis)
+    return out
+
+
 def read_slice(path: str | os.PathLike, index: int | None = None, axis: int = 2, frame: int | None = None,
                max_pixels: int | None = None) -> np.ndarray:
     """``take_slice(read_volume(path, frame), index, axis)`` (float32, display orientation), reading
     only that slice from the file through nibabel's array proxy; the slice plane's declared size is
     checked against ``max_pixels`` first."""
     path = os.fspath(path)
-    img = nib.load(path)  # header only; the data stay on disk behind img.dataobj
+    img = nib.load(path, keep_file_open=True)  # header only; the data stay on disk behind img.dataobj
+    # (kept open: a gzip stream then seeks on from where the last slab ended instead of from the start)
     shape = img.shape
     if len(shape) not in (3, 4):
         raise ImageLoadError(f"{path}: NIfTI data of shape {shape} is not a 3-D or 4-D volume")
@@ -351,7 +372,7 @@ def read_slice(path: str | os.PathLike, index: int | None = None, axis: int = 2,
     _check_size(path, f"the NIfTI slice plane (axis {axis})", tuple(plane), max_pixels_limit(max_pixels))
     slicer = [slice(None)] * 3 + ([volume] if volume is not None else [])
     slicer[voxel_axis] = k if ornt[voxel_axis, 1] > 0 else n - 1 - k
-    data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)  # [rest of the voxel axes]
+    data = _read_plane(img.dataobj, tuple(slicer), voxel_axis, shape)  # [rest of the voxel axes]
     rest = [i for i in range(3) if i != voxel_axis]
     for j, i in enumerate(rest):
         if ornt[i, 1] < 0:
