@@ -1,5 +1,7 @@
 """The memory-on-paper function: parameter counts against the real modules, strategy arithmetic by hand."""
 
+import os
+
 import pytest
 import torch
 
@@ -92,8 +94,6 @@ def test_fits_and_the_readme_table():
     assert memory.fits(0.9 * 80 * GIB) and not memory.fits(0.9 * 80 * GIB + 1)
     table = memory.memory_table()
     assert len(table.splitlines()) == 2 + 2 * 3 * 3
-    import os
-
     readme = os.path.join(os.path.dirname(memory.__file__), "configs", "README.md")
     assert table in open(readme).read(), "configs/README.md's table is stale: python -m healthgpt.training.memory"
 
