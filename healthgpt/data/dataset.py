@@ -6,6 +6,12 @@ template, tokenizer and image preprocessing, so training and inference build pro
 way). Generation targets are given as VQ ids from the on-disk cache (``VQCache``), so no epoch
 runs the image tokenizer.
 
+Length (``max_length``): a sample whose prompt (system, question, image positions) alone reaches
+``max_length`` is an error naming the row and both lengths (nothing of the answer would be
+trained); a comprehension sample whose answer runs past it is cut to ``max_length`` with a
+warning naming the row (once per row); a generation sample's answer (the target's VQ ids) is
+never cut, an error instead.
+
 ``Collator`` right-pads a list of those into a batch: ``input_ids`` (pad id), ``labels`` (-100),
 ``attention_mask``, ``images`` (the samples' CLIP pixel tensors concatenated in batch order, or
 ``None``) and ``tasks`` (one name per sample). ``HealthGPT.forward`` routes every sample to its
@@ -13,6 +19,8 @@ own projector, visual layer and H-LoRA plugin, so a batch may mix ``comp`` and `
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -31,6 +39,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.prepare = prepare
         self.codes = codes or {}
         self.max_length = max_length
+        self._warned = set()  # rows whose truncation was reported
         missing = [s.source for s in self.samples if s.task == "gen" and s.target_image not in self.codes]
         if missing:
             raise ValueError(f"no VQ ids for the targets of {len(missing)} generation rows (first: {missing[0]})")
@@ -46,11 +55,33 @@ class TrainingDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         target = self.codes[s.target_image] if s.task == "gen" else None
         try:
-            return self.prepare(s.conversations, s.task, image=s.image, target=target, max_length=self.max_length)
+            item = self.prepare(s.conversations, s.task, image=s.image, target=target)
         except DataError:
             raise
-        except Exception as e:  # a bad image file, a too-long generation sample...
+        except Exception as e:  # a bad image file...
             raise DataError(f"{s.source} (id {s.id!r}): {type(e).__name__}: {e}") from e
+        return self._fit(item, s, i)
+
+    def _fit(self, item: dict, s, i: int) -> dict:
+        """The length policy of the module docstring."""
+        ids, labels, limit = item["input_ids"], item["labels"], self.max_length
+        if limit is None or len(ids) <= limit:
+            return item
+        supervised = (labels != IGNORE_INDEX).nonzero()
+        prompt = int(supervised[0, 0]) if len(supervised) else len(ids)
+        where = f"{s.source} (id {s.id!r})"
+        if prompt >= limit:
+            raise DataError(f"{where}: the question is too long: its prompt (with the image positions) is {prompt} "
+                            f"tokens, max_length is {limit}, so no answer token would be trained; shorten the "
+                            f"question or raise --max-length")
+        if s.task == "gen":
+            raise DataError(f"{where}: the sample is {len(ids)} tokens, max_length is {limit}; a generation answer "
+                            f"(the target's VQ ids) cannot be cut; raise --max-length")
+        if i not in self._warned:
+            self._warned.add(i)
+            warnings.warn(f"{where}: {len(ids)} tokens cut to max_length={limit}: the last "
+                          f"{len(ids) - limit} answer tokens are not trained", stacklevel=2)
+        return {**item, "input_ids": ids[:limit], "labels": labels[:limit]}
 
 
 class Collator:

@@ -17,12 +17,14 @@ A training file is JSON (a list of rows, or an object holding one such list unde
 
 Rules (``validate_row``):
 
-- ``image`` is required and must exist (PNG/JPEG/BMP/TIFF, DICOM, NIfTI: whatever the model's
-  image loader reads). Relative paths are tried against ``image_folder`` (if given), then the
-  data file's folder.
+- ``image`` is required, must exist and must decode with the model's image loader
+  (``healthgpt.data.images.load_image``: PNG/JPEG/BMP/TIFF, DICOM, NIfTI) within its size limit
+  (``check_images``: what ``load_samples`` validated, training can read). Relative paths are
+  tried against ``image_folder`` (if given), then the data file's folder; absolute paths and
+  paths leading outside the data folder are accepted (README, "Input policy").
 - ``conversations`` alternate ``human`` and ``gpt`` turns (``user``/``assistant`` accepted),
-  starting with ``human``. ``<image>`` is put in front of the first human turn if no turn has it;
-  more than one ``<image>`` is an error (one image per row).
+  starting with ``human``; no human turn is empty. ``<image>`` is put in front of the first
+  human turn if no turn has it; more than one ``<image>`` is an error (one image per row).
 - ``comp`` rows need at least one ``gpt`` turn with text; every gpt turn is a training target.
 - ``gen`` rows need ``target_image`` (existing) and one human turn; an optional final ``gpt`` turn
   is ignored (the answer is the target image's VQ ids framed by ``<start_index>`` ..
@@ -30,6 +32,7 @@ Rules (``validate_row``):
 - ``task`` must be ``comp`` or ``gen`` (``com``, ``comprehension`` and ``generation`` are
   accepted spellings).
 
+A file that is not UTF-8 names the byte offset; a broken JSON document names the line and column.
 A bad row raises ``DataError`` naming the file, the row's position and id, and the problem; with
 ``skip_bad=True`` bad rows are dropped instead and ``LoadReport`` counts them by reason.
 """
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from hlora.files import atomic_write
 
 from healthgpt.constants import IMAGE_PLACEHOLDER, TASKS
+from healthgpt.data.images import ImageLoadError, load_image
 
 __all__ = [
     "DataError",
@@ -109,14 +113,20 @@ def read_rows(path: str | os.PathLike) -> list:
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    data = None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r} "
+                        f"({e.reason}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    data, error = None, None
     if not path.endswith(".jsonl"):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # maybe JSON Lines under a .json name
+        except json.JSONDecodeError as e:
+            error = e  # maybe JSON Lines under a .json name
     if data is None:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -124,7 +134,10 @@ def read_rows(path: str | os.PathLike) -> list:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n} is not JSON: {e}") from None
+                    if error is not None and not rows:  # not JSON Lines either: one broken JSON document
+                        raise DataError(f"{path}: is not JSON: {error.msg} at line {error.lineno}, "
+                                        f"column {error.colno} (char {error.pos})") from None
+                    raise DataError(f"{path}: line {n} is not JSON: {e.msg} at column {e.colno}") from None
         return rows
     if isinstance(data, list):
         return data
@@ -200,6 +213,9 @@ def validate_row(row, roots: list) -> Sample:
         if role != expected:
             raise _Bad("bad turn", f"conversation turn {i} is from {role}; turns must alternate human, gpt, ... starting with human")
         turns.append({"from": role, "value": turn["value"]})
+    for i, t in enumerate(turns):
+        if t["from"] == "human" and not t["value"].replace(IMAGE_PLACEHOLDER, "").strip():
+            raise _Bad("empty question", f"conversation turn {i} (human) is empty")
     n_image = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
     if n_image > 1:
         raise _Bad("several <image>", f"{n_image} '{IMAGE_PLACEHOLDER}' placeholders; a row holds one image")
@@ -223,17 +239,36 @@ def validate_row(row, roots: list) -> Sample:
     return Sample(id="" if rid is None else str(rid), task=task, image=image, conversations=turns, target_image=target)
 
 
+def _check_readable(sample: Sample, verdicts: dict) -> None:
+    """Decode the row's images with the one reader training uses (each file once per load)."""
+    for what, image in (("image", sample.image), ("target_image", sample.target_image)):
+        if image is None:
+            continue
+        if image not in verdicts:
+            try:
+                load_image(image)
+                verdicts[image] = None
+            except ImageLoadError as e:
+                verdicts[image] = str(e)
+        if verdicts[image] is not None:
+            raise _Bad(f"unreadable {what}", f"{what} cannot be read: {verdicts[image]}")
+
+
 def load_samples(
     path: str | os.PathLike,
     *,
     image_folder: str | None = None,
     skip_bad: bool = False,
     task: str | None = None,
+    check_images: bool = True,
 ) -> tuple:
-    """Read and validate a training file: ``(samples, LoadReport)``.
+    """Read and validate a training file: ``(samples, LoadReport)``. The one validator: ``healthgpt
+    data check`` and ``train`` both call it, so a file one accepts the other accepts.
 
     ``task`` (``comp``/``gen``) keeps only that task's rows (``None`` or ``mixed``: all).
     ``skip_bad``: drop bad rows and count them instead of raising ``DataError``.
+    ``check_images``: decode every distinct image once with ``load_image`` (an unreadable image is a
+    bad row, reason ``unreadable image``) instead of failing mid-training.
     """
     path = str(path)
     if task not in (None, "mixed", *TASKS):
@@ -241,12 +276,14 @@ def load_samples(
     rows = read_rows(path)
     roots = ([image_folder] if image_folder else []) + [os.path.dirname(os.path.abspath(path))]
     report = LoadReport(path=path, total=len(rows))
-    samples, seen = [], {}
+    samples, seen, verdicts = [], {}, {}
     for n, row in enumerate(rows):
         rid = row.get("id", row.get("qid")) if isinstance(row, dict) else None
         where = f"{path}: row {n}" + (f" (id {rid!r})" if rid is not None else "")
         try:
             s = validate_row(row, roots)
+            if check_images:
+                _check_readable(s, verdicts)
         except _Bad as bad:
             if not skip_bad:
                 raise DataError(f"{where}: {bad.message}. Fix the row, or pass --skip-bad to drop bad rows.") from None
