@@ -116,12 +116,13 @@ def model_from_args(args):
     from healthgpt.model.config import HealthGPTConfig
     from healthgpt.model.healthgpt import HealthGPT
 
+    four_bit = getattr(args, "load_in_4bit", False)  # callers may build the namespace without the flag
     if args.weights is None:
         warnings.warn(TINY_WARNING, stacklevel=2)
         torch.manual_seed(args.seed)
-        model = HealthGPT(HealthGPTConfig.preset("tiny", load_in_4bit=args.load_in_4bit))
+        model = HealthGPT(HealthGPTConfig.preset("tiny", load_in_4bit=four_bit))
     else:
-        model = HealthGPT.from_pretrained(args.weights, **({"load_in_4bit": True} if args.load_in_4bit else {}))
+        model = HealthGPT.from_pretrained(args.weights, **({"load_in_4bit": True} if four_bit else {}))
     device = args.device
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
