@@ -39,8 +39,9 @@ def copy_checked(targets: dict, tensors: dict, *, what: str, strict: bool = True
 
     Checked for every key first: missing keys (in ``targets``, not in ``tensors``), unexpected keys
     (the reverse), shapes, dtypes (floating point casts to floating point; other dtypes must be
-    equal), and tied targets (two names for one tensor) whose file values differ. ``strict=False``
-    tolerates missing and unexpected keys, never the rest. The error reads
+    equal), NaN/Inf values (never a weight: a file holding them is damaged), and tied targets (two
+    names for one tensor) whose file values differ. ``strict=False`` tolerates missing and
+    unexpected keys, never the rest. The error reads
     ``cannot load {what}: missing keys (n): a, b | shape mismatch (n): k: file (..) vs model (..)``.
     """
     common = [k for k in targets if k in tensors]
@@ -54,6 +55,8 @@ def copy_checked(targets: dict, tensors: dict, *, what: str, strict: bool = True
     for k in common:
         if targets[k].numel():
             tied.setdefault(_view_id(targets[k]), []).append(k)
+    nonfinite = [f"{k} ({int((~torch.isfinite(tensors[k])).sum())} of {tensors[k].numel()})" for k in sorted(tensors)
+                 if (tensors[k].is_floating_point() or tensors[k].is_complex()) and not bool(torch.isfinite(tensors[k]).all())]
     untied = [" = ".join(sorted(keys)) for keys in tied.values()
               if len(keys) > 1 and not all(torch.equal(tensors[keys[0]], tensors[k]) for k in keys[1:])]
     problems = [f"{label} ({len(items)}): {_listing(items)}" for label, items in (
@@ -61,6 +64,7 @@ def copy_checked(targets: dict, tensors: dict, *, what: str, strict: bool = True
         ("unexpected keys", unexpected if strict else []),
         ("shape mismatch", shapes),
         ("dtype mismatch", dtypes),
+        ("NaN/Inf values", nonfinite),
         ("tied in the model but different in the file", sorted(untied)),
     ) if items]
     if problems:

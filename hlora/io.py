@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checked import CheckpointError, copy_checked
@@ -30,7 +30,7 @@ from .model import (
     unload,
 )
 
-__all__ = ["save", "load", "load_plugin_state", "WEIGHTS_NAME", "plugin_state_dict"]
+__all__ = ["save", "load", "load_plugin_state", "WEIGHTS_NAME", "plugin_state_dict", "read_safetensors"]
 
 WEIGHTS_NAME = "hlora_model.safetensors"
 _META_KEY = "hlora_config"
@@ -103,14 +103,28 @@ def save(model: nn.Module, path: str | os.PathLike, plugins=None) -> str:
     return str(path)
 
 
+def read_safetensors(path: str | os.PathLike) -> tuple:
+    """-> ``(name -> tensor, metadata)`` of a safetensors file; an empty, truncated or foreign file
+    raises ``CheckpointError`` naming it (not the library's own error)."""
+    path = os.fspath(path)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (an interrupted copy or save?)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def _read_checkpoint(path) -> tuple:
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}: not an hlora checkpoint directory")
-    with safe_open(weights, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = HLoRAConfig.from_json(meta[_META_KEY]) if _META_KEY in meta else HLoRAConfig.load(path)
+    tensors, meta = read_safetensors(weights)
+    try:
+        config = HLoRAConfig.from_json(meta[_META_KEY]) if _META_KEY in meta else HLoRAConfig.load(path)
+    except ValueError as e:  # json.JSONDecodeError included: a damaged config
+        raise CheckpointError(f"{weights}: unreadable hlora config: {e}") from None
     return config, tensors
 
 

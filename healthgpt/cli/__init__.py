@@ -27,7 +27,8 @@ import sys
 import warnings
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "subcommand", "add_model_arguments", "model_from_args", "CLIError",
-           "run_guarded", "user_errors", "TINY_WARNING"]
+           "run_guarded", "user_errors", "TINY_WARNING",
+           "device_from_args", "check_decoding_arguments"]
 
 SUBCOMMANDS = {
     "answer": "healthgpt.cli.infer:register_answer",
@@ -116,6 +117,7 @@ def model_from_args(args):
     from healthgpt.model.config import HealthGPTConfig
     from healthgpt.model.healthgpt import HealthGPT
 
+    device = device_from_args(args)  # before the (slow) load: a bad --device fails at once
     four_bit = getattr(args, "load_in_4bit", False)  # callers may build the namespace without the flag
     if args.weights is None:
         warnings.warn(TINY_WARNING, stacklevel=2)
@@ -123,10 +125,30 @@ def model_from_args(args):
         model = HealthGPT(HealthGPTConfig.preset("tiny", load_in_4bit=four_bit))
     else:
         model = HealthGPT.from_pretrained(args.weights, **({"load_in_4bit": True} if four_bit else {}))
+    return model.to(device).eval()
+
+
+def device_from_args(args) -> str:
+    """``--device`` checked before any model is loaded: ``auto`` -> cuda when available, else cpu; a
+    device this machine or torch build lacks is a ``CLIError``."""
+    import torch
+
     device = args.device
     if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise CLIError(f"--device {device!r} is not a torch device ({e})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"--device {device}: {why}; use --device cpu (or auto)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: MPS is not available on this machine; use --device cpu (or auto)")
+    return device
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +158,28 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
 
 
+def check_decoding_arguments(args) -> None:
+    """The decoding options in range, checked before anything is loaded: ``--max-new-tokens`` >= 1
+    (where the command has it), ``--top-k`` >= 1, ``--top-p`` in (0, 1], ``--temperature`` finite and,
+    with ``--sample``, > 0 (0 is greedy decoding: omit ``--sample``)."""
+    import math
+
+    max_new = getattr(args, "max_new_tokens", None)
+    if max_new is not None and max_new < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {max_new}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CLIError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not (0 < args.top_p <= 1):
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise CLIError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.sample and args.temperature == 0:
+        raise CLIError("--temperature 0 with --sample: sampling needs a temperature > 0 (temperature 0 is greedy "
+                       "decoding: omit --sample)")
+
+
 def decoding_kwargs(args) -> dict:
+    check_decoding_arguments(args)
     return dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 

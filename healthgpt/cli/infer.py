@@ -9,7 +9,9 @@ from healthgpt.cli import (
     add_decoding_arguments,
     add_image_arguments,
     add_model_arguments,
+    check_decoding_arguments,
     decoding_kwargs,
+    device_from_args,
     image_from_args,
     model_from_args,
     subcommand,
@@ -39,6 +41,8 @@ def add_answer_arguments(p) -> None:
 
 
 def run_answer(args) -> int:
+    check_decoding_arguments(args)  # options first: nothing is read or loaded for a bad one
+    device_from_args(args)
     image = image_from_args(args.image, args)
     model = model_from_args(args)
     print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens, **decoding_kwargs(args)))
@@ -58,6 +62,8 @@ def run_generate(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CLIError(f"--out directory {out_dir} does not exist")
+    check_decoding_arguments(args)  # options first: nothing is read or loaded for a bad one
+    device_from_args(args)
     image = image_from_args(args.image, args)
     model = model_from_args(args)
     model.generate_image(image, args.instruction, **decoding_kwargs(args)).save(args.out)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as hf_logging
 
-__all__ = ["require_hf_checkpoint", "from_pretrained_checked", "require_file"]
+from hlora import CheckpointError
+
+__all__ = ["require_hf_checkpoint", "from_pretrained_checked", "require_file", "read_json", "check_model_files"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -55,3 +59,38 @@ def require_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     return path
+
+
+def read_json(path: str, what: str):
+    """The JSON value in ``path``; an empty or invalid file raises ``CheckpointError`` naming the
+    file and, for a syntax error, its line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not UTF-8 text: {e}") from None
+    if not text.strip():
+        raise CheckpointError(f"{what} {path} is empty (an interrupted copy or save?)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
+def check_model_files(root: str, what: str) -> None:
+    """Read-check every file under ``root`` before a model is built from it: no empty file, every
+    ``.json`` parses, every ``.safetensors`` header is whole (``hlora.io.read_safetensors`` reads
+    the values later). One ``CheckpointError`` naming the first bad file."""
+    paths = [root] if os.path.isfile(root) else sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"{what} file {path} is empty (an interrupted copy or save?)")
+        if path.endswith(".json"):
+            read_json(path, f"{what} file")
+        elif path.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{what} file {path} is not a readable safetensors file (truncated or "
+                                      f"corrupt?): {e}") from None

@@ -9,6 +9,8 @@ architecture from ``--model-preset`` (``MODEL_PRESETS``).
 
 # No ``from __future__ import annotations``: HfArgumentParser reads the field types at run time.
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,3 +106,25 @@ class TrainArguments:
                 raise TrainError(f"unknown --{name.replace('_', '-')} {value!r}; choose from {sorted(table)}")
         if self.resume is True:  # the Python API's spelling of a bare --resume
             self.resume = "auto"
+        self._check_numbers()
+        if self.init is not None and os.path.realpath(self.init) == os.path.realpath(self.output):
+            raise TrainError(f"--output {self.output} is the --init model itself: training would overwrite the model it "
+                             f"starts from; give another --output")
+
+    def _check_numbers(self) -> None:
+        """Numeric options: finite and in range (``--max-steps 0`` or ``--lr nan`` would train nothing or garbage)."""
+        positive = ("lr", "projector_lr", "epochs", "global_batch_size", "per_device_batch_size", "max_steps",
+                    "max_length", "save_steps", "logging_steps")
+        for name in positive + ("warmup_ratio", "dropout", "weight_decay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainError(f"{flag} must be a finite number, got {value}")
+            if name in positive and value <= 0:
+                raise TrainError(f"{flag} must be positive, got {value}")
+            if name != "weight_decay" and name not in positive and not 0 <= value < 1:
+                raise TrainError(f"{flag} must be in [0, 1), got {value}")
+            if name == "weight_decay" and value < 0:
+                raise TrainError(f"{flag} must not be negative, got {value}")

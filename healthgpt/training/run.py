@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +33,15 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from hlora import CheckpointError
 from hlora.files import atomic_write
 from healthgpt.constants import TASKS
 from healthgpt.data.dataset import Collator, build_dataset
 from healthgpt.data.vq_cache import file_digest
-from healthgpt.model.config import HealthGPTConfig
+from healthgpt.model.config import CONFIG_NAME, HealthGPTConfig
+from healthgpt.model.files import check_model_files
 from healthgpt.model.healthgpt import HealthGPT
+from healthgpt.model.weights import RUN_FILES, SAVING_DIR
 from healthgpt.training.arguments import TrainArguments, TrainError
 from healthgpt.training.distributed import EngineError, check_engine, load_fsdp_config
 from healthgpt.training.stages import StagePlan, apply_stage, plan_stage
@@ -46,8 +50,9 @@ from healthgpt.training.trainer import LOSS_PNG, HealthGPTTrainer, LossLogCallba
 __all__ = ["train_stage", "TrainArguments", "StageResult", "TrainError", "BatchGeometry", "STAGE_FILE", "RUN_FILE",
            "CONFIGS_DIR"]
 
-STAGE_FILE = "stage.json"  # the stage's summary; "complete": true marks a finished stage
-RUN_FILE = "run_config.json"  # what a resumed run must match
+# run_config.json: what a resumed run must match; stage.json: the stage's summary ("complete": true marks a
+# finished stage). The loader knows them too: it refuses an unfinished run's folder as a model.
+RUN_FILE, STAGE_FILE = RUN_FILES
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -184,18 +189,20 @@ def _read_stage(init: str | None) -> dict:
 def prepare_output(args: TrainArguments, main: bool, say) -> tuple:
     """-> ``(absolute output folder, checkpoint to resume from or None)``.
 
-    Staging folders of a killed save are removed. Checkpoints of an earlier run are resumed
-    (``--resume``), deleted (``--overwrite``: never resumed into the new run) or refused.
+    Staging folders and temporary files of a killed save are removed. Checkpoints of an earlier
+    run are resumed (``--resume``: the newest readable one; a damaged newer one is skipped with a
+    warning), deleted (``--overwrite``: never resumed into the new run) or refused. A saved model
+    in ``output`` is never replaced unasked: a new run there needs ``--resume`` or ``--overwrite``.
     """
     output = os.path.abspath(args.output)
     if main:
         os.makedirs(output, exist_ok=True)
-        removed = clean_staging(output)
+        removed = clean_staging(output) + _clean_temporary_files(output)
         if removed:
-            say(f"removed unfinished checkpoint save(s) {removed} from {output}")
+            say(f"removed unfinished save(s) {removed} from {output}")
     last = get_last_checkpoint(output) if os.path.isdir(output) else None
     if args.resume:
-        resume_from = last if args.resume == "auto" else args.resume
+        resume_from = _last_readable_checkpoint(output) if args.resume == "auto" else args.resume
         if resume_from is None:
             raise TrainError(f"--resume: no complete checkpoint in {output}")
         if not os.path.isdir(resume_from):
@@ -204,11 +211,43 @@ def prepare_output(args: TrainArguments, main: bool, say) -> tuple:
     if last is not None and not args.overwrite:
         raise TrainError(f"{output} already holds checkpoints of a run ({os.path.basename(last)}): pass --resume to "
                          f"continue it or --overwrite to start over")
+    saved = [n for n in (CONFIG_NAME, SAVING_DIR) if os.path.exists(os.path.join(output, n))]
+    if saved and not args.overwrite:
+        raise TrainError(f"{output} already holds a saved model ({saved[0]}): pass --overwrite to replace it, or "
+                         f"choose another --output")
     if last is not None and main:
         for name in os.listdir(output):
             if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(os.path.join(output, name)):
                 shutil.rmtree(os.path.join(output, name))
     return output, None
+
+
+def _clean_temporary_files(output: str) -> list:
+    """Remove the temporary files of atomic writes a kill interrupted (``hlora.files.atomic_write``)."""
+    removed = []
+    for name in os.listdir(output):
+        if name.startswith(".tmp-") and os.path.isfile(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+            removed.append(name)
+    return removed
+
+
+def _last_readable_checkpoint(output: str) -> str | None:
+    """The newest ``checkpoint-N`` whose files all read (``check_model_files``); newer damaged ones
+    are skipped with a warning naming the damage."""
+    found = [n for n in os.listdir(output) if n.startswith(PREFIX_CHECKPOINT_DIR + "-")
+             and n[len(PREFIX_CHECKPOINT_DIR) + 1:].isdigit() and os.path.isdir(os.path.join(output, n))]
+    for name in sorted(found, key=lambda n: int(n[len(PREFIX_CHECKPOINT_DIR) + 1:]), reverse=True):
+        path = os.path.join(output, name)
+        try:
+            if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+                raise CheckpointError(f"{path} has no trainer_state.json")
+            check_model_files(path, "checkpoint")
+        except CheckpointError as e:
+            warnings.warn(f"--resume: skipping damaged checkpoint {name} (resuming from an earlier one): {e}", stacklevel=2)
+            continue
+        return path
+    return None
 
 
 def check_same_run(output: str, run_config: dict) -> None:
