@@ -328,9 +328,11 @@ def _adaptable_paths(model: nn.Module, spec: TargetSpec) -> list:
     """Paths of ``model`` that ``spec`` (as ``HLoRAConfig.target_modules``) picks among its adapter
     layers and its not-yet-adapted Linear/Conv1D modules."""
     heads = _output_head_names(model)
-    paths = []
+    paths, adapted = [], [n for n, _ in named_adapter_layers(model)]
     for name, module in model.named_modules():
         if not name or not (isinstance(module, AdapterLayer) or is_adaptable(module)):
+            continue
+        if any(name.startswith(a + ".") for a in adapted):  # a module an adapter layer holds is not a target
             continue
         if (name not in heads) if spec == "all-linear" else _name_matches(name, spec):
             paths.append(name)

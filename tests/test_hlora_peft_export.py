@@ -20,20 +20,20 @@ def _randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-CASES = {  # model, variant, targets, modules_to_save
-    "llama": ("llama", "hlora", ["q_proj", "v_proj", "down_proj"], ["lm_head"]),
-    "gpt2": ("gpt2", "hlora", ["c_attn", "c_fc"], None),
-    "llama-moelora": ("llama", "moelora", ["o_proj"], None),
-    "llama-lora": ("llama", "lora", ["k_proj", "up_proj"], None),
+CASES = {  # model, variant, targets, modules_to_save, rsLoRA
+    "llama": ("llama", "hlora", ["q_proj", "v_proj", "down_proj"], ["lm_head"], False),
+    "llama-rslora": ("llama", "hlora", ["q_proj", "v_proj", "down_proj"], None, True),
+    "gpt2": ("gpt2", "hlora", ["c_attn", "c_fc"], None, False),
+    "llama-moelora": ("llama", "moelora", ["o_proj"], None, True),
+    "llama-lora": ("llama", "lora", ["k_proj", "up_proj"], None, False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("rslora", [False, True])
-def test_exported_plugin_loads_in_peft_and_back_with_the_same_outputs(tmp_path, tiny_model, inputs_for, case, rslora):
+def test_exported_plugin_loads_in_peft_and_back_with_the_same_outputs(tmp_path, tiny_model, inputs_for, case):
     from peft import PeftModel
 
-    name, variant, targets, save_modules = CASES[case]
+    name, variant, targets, save_modules, rslora = CASES[case]
     experts = 2 if variant == "lora" else 1  # the lora baseline has no router: any k exports
     model = tiny_model(name)
     hlora.inject(model, hlora.HLoRAConfig(
