@@ -17,6 +17,7 @@ import hlora
 from healthgpt import HealthGPT, HealthGPTConfig
 from healthgpt.cli import add_model_arguments, model_from_args
 from healthgpt.model.config import PHI3_MINI_4K, PHI4, TINY_PHI3, _plugins, llm_weight_bytes
+from healthgpt.model.tokenizer import load_base_tokenizer
 from hlora.quantized import QuantizedHLoRALinear, quantization_kind, quantize_4bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,3 +138,24 @@ def test_readme_states_the_computed_saving():
     for name, llm, vocab in (("M3", PHI3_MINI_4K, 32011 + 8195), ("L14", PHI4, 100352 + 8195)):
         dense, nf4 = (llm_weight_bytes(llm, q, vocab)["total"] / 2**30 for q in (False, True))
         assert f"{name} {dense:.2f} GiB" in readme and f"-> {nf4:.2f} GiB ({dense - nf4:.2f} GiB saved)" in readme, name
+
+
+def test_4bit_model_from_a_checkpoint_saves_and_loads_its_adapter(tmp_path):
+    llm_dir = tmp_path / "phi3"
+    torch.manual_seed(0)
+    Phi3ForCausalLM(Phi3Config(**TINY_PHI3)).save_pretrained(llm_dir)
+    load_base_tokenizer(None).save_pretrained(llm_dir)
+    q = HealthGPT(HealthGPTConfig.preset("tiny", llm_path=str(llm_dir), load_in_4bit=True))
+    with torch.no_grad():
+        for layer in hlora.adapter_layers(q.llm):
+            layer.plugins["comp"].B.normal_(0, 0.05)
+    batch = _batch(q)
+    q.eval()
+    with torch.no_grad():
+        want = q(**batch).logits
+    q.save_pretrained(tmp_path / "w")
+    loaded = HealthGPT.from_pretrained(tmp_path / "w").eval()
+    assert loaded.healthgpt_config.load_in_4bit
+    assert all(isinstance(m, QuantizedHLoRALinear) for m in hlora.adapter_layers(loaded.llm))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=0)
