@@ -131,7 +131,7 @@ def run_eval(args, answer_batch=None, generate_batch=None, load_image=None) -> i
         pred_path = Path(args.predictions)
         if not pred_path.exists():
             return _err(f"no such predictions file: {pred_path}")
-        rows = read_predictions(pred_path)
+        rows = read_predictions(pred_path, bench=bench, allow_empty=False)
         if args.limit is not None:
             rows = rows[:args.limit]
         base = pred_path.resolve().parent

@@ -9,8 +9,14 @@ The runner only needs two callables (so it is testable without a model):
 the reader training data and inference use); ``None`` for a sample without an image.
 
 Output in ``out_dir``: ``predictions.jsonl``, appended and flushed (``fsync``) after every batch.
-A rerun skips the ids already there (resume); a half-written last line left by a crash is cut
-off first. Image predictions are saved as ``images/<id>.png`` before their row is written.
+A rerun skips the ids already there (resume); a half-written last row left by a crash (no final
+newline, or a last line that is not a whole JSON object) is reported and cut off first.
+
+``read_predictions`` is strict about everything else (``PredictionsError``, one line naming the
+file, the line and the row's id): a line that is not UTF-8 or not JSON, a row that is not an
+object, a missing/None/non-text field, an unknown ``answer_type``, repeated ids (all named), an
+empty file, and rows of the other benchmark family (text rows scored as an image benchmark or the
+reverse). Image predictions are saved as ``images/<id>.png`` before their row is written.
 
 Text rows: ``id, question, answer, prediction, answer_type, prompt, image`` and ``options`` /
 ``modality`` when the sample has them. Image rows: ``id, image, target, instruction, task,
@@ -29,11 +35,13 @@ from typing import Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from healthgpt.data.format import DataError
 from healthgpt.data.images import load_image
 from healthgpt.evaluation.choice import choice_prompt
 from healthgpt.evaluation.data import BENCHMARKS
+from healthgpt.evaluation.vqa import answer_type_of
 
-__all__ = ["AnswerBatch", "GenerateBatch", "default_image_loader", "read_predictions",
+__all__ = ["AnswerBatch", "GenerateBatch", "PredictionsError", "default_image_loader", "read_predictions",
            "repair_jsonl", "safe_name", "prompt_for", "run_text", "run_image", "PREDICTIONS"]
 
 AnswerBatch = Callable[[Sequence, Sequence[str]], Sequence[str]]
@@ -46,43 +54,117 @@ def default_image_loader() -> Callable:
     return load_image
 
 
+class PredictionsError(DataError):
+    """A predictions file that cannot be resumed or scored; the message names the file and the row."""
+
+
+# the fields a row of each family must carry as text (what the runner writes)
+_TEXT_FIELDS = {"vqa": ("answer", "prediction"), "choice": ("answer", "prediction"), "image": ("prediction", "target")}
+
+
+def _last_row_is_partial(data: bytes) -> bool:
+    if not data.endswith(b"\n"):
+        return True
+    last = data[:-1].rsplit(b"\n", 1)[-1]
+    if not last.strip():
+        return False
+    try:
+        return not isinstance(json.loads(last.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return True
+
+
 def repair_jsonl(path) -> int:
-    """Cut a trailing partial line (no final newline) from ``path``; returns bytes removed."""
+    """Cut a half-written last row from ``path`` (a trailing partial line, or a last line that is
+    not a whole JSON object even if a newline follows it); returns the bytes removed."""
     path = Path(path)
     if not path.exists():
         return 0
     data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
+    if not data or not _last_row_is_partial(data):
         return 0
-    keep = data.rfind(b"\n") + 1
+    keep = data.rstrip(b"\n").rfind(b"\n") + 1 if data.endswith(b"\n") else data.rfind(b"\n") + 1
     with open(path, "r+b") as f:
         f.truncate(keep)
-    warnings.warn(f"{path}: removed a half-written last line ({len(data) - keep} bytes)", stacklevel=2)
+    warnings.warn(f"{path}: removed a half-written last row ({len(data) - keep} bytes); it is predicted again",
+                  stacklevel=2)
     return len(data) - keep
 
 
-def read_predictions(path) -> list[dict]:
-    """Rows of a predictions JSONL file; a half-written last line is skipped with a warning,
-    and for a repeated id the last row wins."""
+def _check_row(row, where: str, family: str | None, path: Path) -> dict:
+    if not isinstance(row, dict):
+        raise PredictionsError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    sid = row.get("id")
+    if sid is None or isinstance(sid, (dict, list, bool)) or str(sid).strip() == "":
+        raise PredictionsError(f"{where}: row without an 'id'")
+    row["id"] = str(sid)
+    where = f"{where} (id {row['id']!r})"
+    if family is None:
+        return row
+    if family == "image" and "target" not in row and ("question" in row or "answer" in row):
+        raise PredictionsError(f"{path} holds question/answer (VQA or multiple-choice) predictions, not "
+                               f"image predictions; score it with its own text benchmark")
+    if family != "image" and "target" in row and "answer" not in row:
+        raise PredictionsError(f"{path} holds image predictions (target images), not answers to questions; "
+                               f"score it with its own image benchmark")
+    for key in _TEXT_FIELDS[family]:
+        value = row.get(key)
+        if not isinstance(value, str):
+            what = "missing" if key not in row else "null" if value is None else f"a {type(value).__name__}, not text"
+            raise PredictionsError(f"{where}: '{key}' is {what}")
+    if family == "vqa":
+        try:
+            row["answer_type"] = answer_type_of(row["answer"], row.get("answer_type"))
+        except ValueError as e:
+            raise PredictionsError(f"{where}: {e}") from None
+    options = row.get("options")
+    if family == "choice" and not options:
+        raise PredictionsError(f"{where}: a multiple-choice row needs 'options'")
+    if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+        raise PredictionsError(f"{where}: 'options' must be a list of strings")
+    return row
+
+
+def read_predictions(path, bench: str | None = None, allow_empty: bool = True) -> list[dict]:
+    """Rows of a predictions JSONL file (module docstring): a half-written last row is skipped with
+    a warning, anything else malformed raises ``PredictionsError``. ``bench``: check each row has
+    that benchmark family's fields; ``allow_empty=False``: an empty file is an error too."""
     path = Path(path)
     if not path.exists():
         return []
+    family = BENCHMARKS[bench].family if bench is not None else None
+    data = path.read_bytes()
+    partial = bool(data) and _last_row_is_partial(data)
+    lines = data.splitlines()
+    if partial:
+        warnings.warn(f"{path}: skipping a half-written last row", stacklevel=2)
+        lines = lines[:-1]
     rows: dict[str, dict] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
+    repeated: dict[str, list] = {}
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
+        where = f"{path}:{i}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: skipping a half-written last line", stacklevel=2)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not JSON") from None
-        if "id" not in row:
-            raise ValueError(f"{path}:{i + 1}: row without 'id'")
-        row["id"] = str(row["id"])
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PredictionsError(f"{where}: not UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})") from None
+        except json.JSONDecodeError as e:
+            raise PredictionsError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        row = _check_row(row, where, family, path)
+        if row["id"] in rows:
+            repeated.setdefault(row["id"], [rows[row["id"]]["_line"]]).append(i)
+        row["_line"] = i
         rows[row["id"]] = row
+    if repeated:
+        named = ", ".join(f"{k!r} (lines {', '.join(map(str, v))})" for k, v in list(repeated.items())[:10])
+        more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+        raise PredictionsError(f"{path}: {len(repeated)} ids occur more than once: {named}{more}; "
+                               f"each sample must have one prediction")
+    if not rows and not allow_empty:
+        raise PredictionsError(f"{path}: no predictions in the file")
+    for row in rows.values():
+        del row["_line"]
     return list(rows.values())
 
 
