@@ -252,3 +252,24 @@ def test_legacy_dicom_without_part10_header_is_read(tmp_path, name):
         pydicom.dcmread(legacy)  # what the reader used to hit
     assert np.array_equal(np.asarray(load_image(legacy)), np.asarray(load_image(src)))
     assert np.array_equal(np.asarray(load_image(legacy, window=(40, 400))), np.asarray(load_image(src, window=(40, 400))))
+
+
+@pytest.mark.parametrize("out, message", [("x.xyz", "cannot write '.xyz' images"), ("noext", "without an extension"),
+                                          (".", "is a directory"), ("missing/x.png", "does not exist")])
+def test_generate_checks_the_output_path_before_generating(tmp_path, monkeypatch, capsys, out, message):
+    """``generate --out`` that cannot be written is refused before the image is read or a model built."""
+    import healthgpt.cli.infer as infer
+    from healthgpt.cli import main as cli_main
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached the image or the model before the output check")
+
+    monkeypatch.setattr(infer, "model_from_args", never)
+    monkeypatch.setattr(infer, "image_from_args", never)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli_main(["generate", "--instruction", "Convert.", "--out", out])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert infer.check_output_image("ok.png") == "PNG" and infer.check_output_image("ok.TIF") == "TIFF"

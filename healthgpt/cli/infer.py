@@ -58,10 +58,28 @@ def add_generate_arguments(p) -> None:
     add_decoding_arguments(p)
 
 
-def run_generate(args) -> int:
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+def check_output_image(path: str) -> str:
+    """The image format Pillow writes for ``path`` (from its extension); checked before any work so a
+    bad ``--out`` (a folder, an unknown extension, a missing or read-only folder) costs nothing."""
+    from PIL import Image  # here, not at the top: healthgpt.cli's start-up rule
+
+    if os.path.isdir(path):
+        raise CLIError(f"--out {path} is a directory; give an image file name such as {os.path.join(path, 'out.png')}")
+    out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise CLIError(f"--out directory {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise CLIError(f"--out directory {out_dir} is not writable")
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        what = "an image without an extension" if not ext else f"{ext!r} images"
+        raise CLIError(f"--out {path}: cannot write {what}; use .png (lossless), .tif or .jpg")
+    return fmt
+
+
+def run_generate(args) -> int:
+    check_output_image(args.out)
     check_decoding_arguments(args)  # options first: nothing is read or loaded for a bad one
     device_from_args(args)
     image = image_from_args(args.image, args)
