@@ -3,6 +3,7 @@ files, every malformed row as one line naming it, and predictions scored with th
 family, through the real CLI (``healthgpt eval ...`` exits 2 with ``healthgpt: error: ...``)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,18 @@ def test_vqa_predictions_scored_with_an_image_bench_are_refused(tmp_path, capsys
     images = _jsonl(tmp_path / "i.jsonl", [{"id": "s1", "image": "t.png", "target": "t.png", "prediction": "t.png"}])
     assert _eval("--bench", "slake", "--predictions", images, "--out", tmp_path / "o") == 2
     assert "holds image predictions (target images), not answers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["q", "yes"], r"row 1 is a list, not an object"),
+    ({"id": "q0", "question": "Again?", "answer": "no"}, r"row 1: duplicate id 'q0'"),
+    ({"id": "b", "question": ["Is it?"], "answer": "yes"}, r"row 'b': 'question' and the answer must be text"),
+    ({"id": "b", "question": "Is it?", "answer": "yes", "answer_type": "maybe"}, r"row 'b': unknown answer_type 'maybe'"),
+    ({"id": "b", "question": "Is it?", "answer": None}, r"row 'b' needs 'question' and an answer"),
+])
+def test_malformed_benchmark_rows_are_one_line_before_any_model(tmp_path, capsys, bad, message):
+    data = _jsonl(tmp_path / "test.jsonl", [{"id": "q0", "question": "Is it?", "answer": "yes"}, bad])
+    assert _eval("--bench", "slake", "--data", data, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("healthgpt: error: ")
+    assert re.search(message, err[0]), err[0]

@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthgpt.data.format import read_rows
+from healthgpt.data.format import DataError, read_rows
 from healthgpt.evaluation.choice import LETTERS
 from healthgpt.evaluation.vqa import answer_type_of
 
@@ -164,19 +164,21 @@ def load_samples(bench: str, path, lang: str | None = "en", limit: int | None = 
     base = path.resolve().parent
     out, seen = [], set()
     for i, row in enumerate(read_records(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i} is a {type(row).__name__}, not an object")
         if lang is not None and row.get("q_lang") not in (None, "") and row["q_lang"] != lang:
             continue
         sid = _first(row, "id", "qid", "question_id", "sample_id")
         sid = str(i if sid is None else sid)
         if sid in seen:
-            raise ValueError(f"{path}: duplicate id {sid!r} (ids must be unique to resume)")
+            raise DataError(f"{path}: row {i}: duplicate id {sid!r} (ids must be unique to resume)")
         seen.add(sid)
         image = resolve_path(_first(row, "image", "img_name", "image_name", "image_path",
                                     "input", "source", "input_image", "image_1"), base)
         if family == "image":
             target = resolve_path(_first(row, "target", "gt", "target_image", "output"), base)
             if image is None or target is None:
-                raise ValueError(f"{path}: row {sid!r} needs 'image' and 'target'")
+                raise DataError(f"{path}: row {sid!r} needs 'image' and 'target'")
             task = str(_first(row, "task") or bench)
             s = {"id": sid, "image": image, "target": target, "task": task,
                  "instruction": str(_first(row, "instruction", "prompt", "question")
@@ -186,16 +188,22 @@ def load_samples(bench: str, path, lang: str | None = "en", limit: int | None = 
             answer = _first(row, "gt_answer", "answer", "label") if family == "choice" \
                 else _first(row, "answer", "gt_answer", "label")
             if question is None or answer is None:
-                raise ValueError(f"{path}: row {sid!r} needs 'question' and an answer")
+                raise DataError(f"{path}: row {sid!r} needs 'question' and an answer")
+            if isinstance(question, (list, dict)) or isinstance(answer, (list, dict)):
+                raise DataError(f"{path}: row {sid!r}: 'question' and the answer must be text, not lists or objects")
             s = {"id": sid, "image": image, "question": str(question), "answer": str(answer)}
-            options = parse_options(row)
+            try:
+                options = parse_options(row)
+                if family == "vqa":
+                    s["answer_type"] = answer_type_of(answer, _first(row, "answer_type"))
+            except (ValueError, SyntaxError) as e:
+                raise DataError(f"{path}: row {sid!r}: {e}") from None
             if family == "vqa":
-                s["answer_type"] = answer_type_of(answer, _first(row, "answer_type"))
                 if options:
                     s["options"] = options
             else:
                 if not options:
-                    raise ValueError(f"{path}: row {sid!r} has no options")
+                    raise DataError(f"{path}: row {sid!r} has no options")
                 s["options"] = options
                 s["answer_type"] = "closed"
             modality = _first(row, "modality", "modality_type", "image_modality")
