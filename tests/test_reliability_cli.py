@@ -102,3 +102,41 @@ def test_train_cli_refuses_max_steps_zero_and_nan_lr_in_one_line(capsys, tmp_pat
         code = main(["train", "--stage", "1", "--task", "comp", "--data", "d.json", "--output", str(tmp_path / "o"), *options])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("healthgpt: error: ") and err.count("\n") == 1, err
+
+
+# ---- prompts longer than the model's positions ---------------------------------------------------------
+
+
+def test_prompt_longer_than_the_positions_is_refused_with_the_lengths(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from healthgpt import HealthGPT
+    from healthgpt.model.healthgpt import PromptTooLong
+
+    torch.manual_seed(0)
+    model = HealthGPT("tiny").eval()
+    limit = model.llm.config.max_position_embeddings
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    long_text = "the scan shows " * limit
+    with pytest.raises(PromptTooLong, match=rf"tokens \({model.num_image_tokens} of them image positions\).* {limit} positions"):
+        model.answer(image, long_text, max_new_tokens=4)
+    # generation needs room for the whole image's codes: a prompt that leaves less is refused too
+    text_len = len(model._prompt_ids(False, "MRI", "gen"))
+    words = limit - model.num_image_codes - text_len + 2  # each "x " is at least one token
+    with pytest.raises(PromptTooLong, match=rf"needs {model.num_image_codes + 1} more"):
+        model.generate_image(None, "MRI " + "x " * words)
+    # a prompt that fits but leaves less room than max_new_tokens: the answer is cut, with a warning
+    base_len = len(model._prompt_ids(False, "Q", "comp"))
+    near = "Q" + " x" * (limit - base_len - 3)
+    room = limit - len(model._prompt_ids(False, near, "comp"))
+    assert 0 < room < 50
+    with pytest.warns(UserWarning, match=rf"answers are cut at {room} tokens"):
+        ids = model.generate([None], [near], "comp", max_new_tokens=50)
+    assert len(ids[0]) <= room
+    # the CLI reports it as one line
+    monkeypatch.setattr(cli, "model_from_args", lambda args: model)
+    import healthgpt.cli.infer as infer
+
+    monkeypatch.setattr(infer, "model_from_args", lambda args: model)
+    assert main(["answer", "--question", long_text[:20000], "--max-new-tokens", "2"]) == 2

@@ -91,3 +91,17 @@ def test_killed_run_folder_as_init_says_it_is_unfinished_and_how_to_resume(run, 
 def test_output_equal_to_init_is_refused(run):
     with pytest.raises(TrainError, match="is the --init model itself"):
         _args(run["env"], str(run["out"]) + "/", init=str(run["out"]), overwrite=True)
+
+
+def test_training_a_model_with_a_merged_plugin_is_refused_and_leaves_it_unchanged(run, tmp_path):
+    import hlora
+    from healthgpt.model.config import _plugins
+    from healthgpt.model.healthgpt import HealthGPT
+
+    torch.manual_seed(0)
+    model = HealthGPT(HealthGPTConfig.preset("tiny", plugins=_plugins(4, 4, experts=1), **MICRO))
+    hlora.merge(model.llm, "comp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainError, match="merged into the model's base weights.*unmerge"):
+        train_stage(_args(run["env"], tmp_path / "o"), model=model, quiet=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

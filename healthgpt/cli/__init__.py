@@ -79,9 +79,11 @@ def user_errors() -> tuple:
 
     from healthgpt.data.format import DataError
     from healthgpt.data.images import ImageLoadError
+    from healthgpt.model.healthgpt import PromptTooLong
     from healthgpt.model.vq_convert import ConversionError
 
-    return CLIError, FileNotFoundError, NotADirectoryError, ImageLoadError, DataError, CheckpointError, ConversionError
+    return (CLIError, FileNotFoundError, NotADirectoryError, ImageLoadError, DataError, CheckpointError, ConversionError,
+            PromptTooLong)
 
 
 def run_guarded(run, args) -> int:

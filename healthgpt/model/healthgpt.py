@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,11 @@ from healthgpt.model.vision import ImageProcessor, build_projector, load_vision_
 from healthgpt.model.vq import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from healthgpt.model.weights import load_model, load_release_weights, save_model
 
-__all__ = ["HealthGPT", "load_llm", "choose_attn_implementation"]
+__all__ = ["HealthGPT", "load_llm", "choose_attn_implementation", "PromptTooLong"]
+
+
+class PromptTooLong(ValueError):
+    """A prompt the model has no positions for; the message gives the lengths."""
 
 
 def choose_attn_implementation(config: HealthGPTConfig) -> str:
@@ -363,6 +368,28 @@ class HealthGPT(nn.Module):
         )
         return ids
 
+    def _fit_positions(self, prompts: list, tasks: list, max_new_tokens: int) -> int:
+        """The LLM's ``max_position_embeddings`` must hold every prompt (its image positions included)
+        plus what it generates: a prompt that leaves no room (for ``gen``: the whole image's codes) is
+        refused with the lengths (``PromptTooLong``); ``max_new_tokens`` is cut, with a warning, to the
+        room the longest prompt leaves. -> the ``max_new_tokens`` to decode with."""
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        if not limit:
+            return max_new_tokens
+        for b, (ids, task) in enumerate(zip(prompts, tasks)):
+            images = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+            needed = self.num_image_codes + 1 if task == "gen" else 1
+            if len(ids) + needed > limit:
+                raise PromptTooLong(f"prompt {b} is {len(ids)} tokens ({images} of them image positions) and needs "
+                                    f"{needed} more to answer, but the model has {limit} positions: shorten the text "
+                                    f"by at least {len(ids) + needed - limit} tokens")
+        room = limit - max(map(len, prompts))
+        if max_new_tokens > room and "comp" in tasks:
+            warnings.warn(f"max_new_tokens={max_new_tokens} does not fit the model's {limit} positions after a "
+                          f"{limit - room}-token prompt: answers are cut at {room} tokens", stacklevel=3)
+            return room
+        return max_new_tokens
+
     @torch.no_grad()
     def generate(self, images: list, texts: list, tasks, max_new_tokens: int = 512, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -376,6 +403,7 @@ class HealthGPT(nn.Module):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts")
         tasks = self._task_list(tasks, len(texts))
         prompts = [self._prompt_ids(im is not None, tx, t) for im, tx, t in zip(images, texts, tasks)]
+        max_new_tokens = self._fit_positions(prompts, tasks, max_new_tokens)
         T = max(map(len, prompts))
         input_ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)

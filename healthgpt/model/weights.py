@@ -11,7 +11,8 @@ Our format (``HealthGPT.save_pretrained`` / ``from_pretrained``), one directory:
     llm_base.safetensors         only when llm_path is None (random base): the frozen LLM weights
     vision.safetensors           only when vision_path is None: the vision tower
 
-A save is one transaction (``save_model``): readers see the whole old model or the whole new one. The release (``torch.save`` pickles of a PEFT-wrapped LLaVA
+A save is one transaction (``save_model``): readers see the whole old model or the whole new
+one, even after a kill mid-save. The release (``torch.save`` pickles of a PEFT-wrapped LLaVA
 model, read here with ``torch.load(weights_only=True)``)::
 
     base_model.model.model.layers.{N}.{self_attn.qkv_proj|self_attn.o_proj|mlp.gate_up_proj|mlp.down_proj}

@@ -33,7 +33,7 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from hlora import CheckpointError
+from hlora import CheckpointError, adapter_layers
 from hlora.files import atomic_write
 from healthgpt.constants import TASKS
 from healthgpt.data.dataset import Collator, build_dataset
@@ -123,6 +123,10 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
     targs = trainer_arguments(args, output, geometry, plan, say, progress=progress)
 
     model, source, rebuild = build_model(args, preset, model, model_overrides, say)
+    merged = sorted({layer.merged for layer in adapter_layers(model.llm) if layer.merged is not None})
+    if merged:  # training would update plugin weights the merged base already holds: a later unmerge corrupts it
+        raise TrainError(f"plugin {merged[0]!r} is merged into the model's base weights: call hlora.unmerge(model.llm) "
+                         f"before training")
     plan = apply_stage(model, plan)
     say(f"model {source}; {plan.describe()}")
     say(f"batch: global {geometry.global_batch} = {geometry.per_device} per device x {geometry.processes} process(es) "
