@@ -21,6 +21,13 @@ def _eval(*argv):
         return e.code
 
 
+def _errors(capsys) -> list:
+    """The error lines on stderr (a library's import-time notice may precede them), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("healthgpt: error: ")]
+
+
 def _rows(n=3):
     return [{"id": f"q{i}", "question": f"Is it {i}?", "answer": "yes" if i % 2 else "no",
              "prediction": "yes", "answer_type": "closed"} for i in range(n)]
@@ -93,8 +100,8 @@ def test_every_malformed_eval_row_is_one_line_naming_the_row(tmp_path, capsys, b
     with pytest.raises(PredictionsError, match=message):
         read_predictions(path, bench="vqa-rad")
     assert _eval("--bench", "vqa-rad", "--predictions", path, "--out", tmp_path / "o") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("healthgpt: error: ") and "p.jsonl:2" in err[0]
+    err = _errors(capsys)
+    assert len(err) == 1 and "p.jsonl:2" in err[0]
 
 
 def test_non_utf8_and_non_json_rows_are_named(tmp_path):
@@ -128,6 +135,5 @@ def test_vqa_predictions_scored_with_an_image_bench_are_refused(tmp_path, capsys
 def test_malformed_benchmark_rows_are_one_line_before_any_model(tmp_path, capsys, bad, message):
     data = _jsonl(tmp_path / "test.jsonl", [{"id": "q0", "question": "Is it?", "answer": "yes"}, bad])
     assert _eval("--bench", "slake", "--data", data, "--out", tmp_path / "o") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("healthgpt: error: ")
-    assert re.search(message, err[0]), err[0]
+    err = _errors(capsys)
+    assert len(err) == 1 and re.search(message, err[0]), err
