@@ -1,9 +1,11 @@
 """FSDP2 on real processes (torchrun, gloo, CPU): sharded storage, the same training as one process,
-kill and resume, the gathered save in our normal format, bf16 dtypes. Three 2-process launches."""
+kill and resume, the gathered save in our normal format, bf16 dtypes. One 2-process launch: its
+first attempt saves a sharded checkpoint and kills itself; torchrun restarts it (``--max-restarts
+1``), and the fresh processes resume from the checkpoint, then run the uninterrupted fp32 run and
+the bf16 run. The single-process reference trains in the test process while the workers start."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ from healthgpt.training import fsdp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, SAVE_AT, LR = 4, 2, 1e-2
+STEPS, SAVE_AT, LR = 2, 1, 1e-2  # the resumed step needs the checkpoint's Adam state to match
 
 # The model, batches and optimizer, shared by the workers and the single-process reference (which
 # runs this same text), so both sides train the same thing.
@@ -60,16 +62,22 @@ WORKER = COMMON + textwrap.dedent("""
     from safetensors.torch import save_file
     from healthgpt.training import fsdp
 
-    out, role, steps, save_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    out, steps, save_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # the restarted ranks reuse torchrun's store, where the dead ranks' gloo addresses are still
+    # published: a prefix per attempt keeps them apart
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     rank, world = dist.get_rank(), dist.get_world_size()
     share = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    ckpt = os.path.join(out, "ckpt")
 
-    def train(model, opt, start, stop, report):
+    def train(model, opt, start, stop, report, kill_at=None):
         for step in range(start, stop):
-            if role == "kill" and step == save_at:
-                fsdp.save_sharded(model, opt, os.path.join(out, "ckpt"))
+            if step == kill_at:
+                fsdp.save_sharded(model, opt, ckpt)
                 os.kill(os.getpid(), signal.SIGKILL)  # no clean exit: the checkpoint must stand on its own
             ids, labels, images = batch(step, model)
             loss = model(input_ids=ids[share], images=images[share], tasks=TASKS[share], labels=labels[share]).loss
@@ -83,74 +91,59 @@ WORKER = COMMON + textwrap.dedent("""
             dist.all_reduce(mean)
             report["losses"].append(mean.item() / world)
 
-    model = fsdp.shard_model(build())
-    opt = optimizer(model)
-    report = {"sizes": fsdp.shard_sizes(model), "class": type(model).__name__, "losses": []}
-    start = 0
-    if role == "resume":
-        fsdp.load_sharded(model, opt, os.path.join(out, "ckpt"))
-        start = save_at
-    train(model, opt, start, steps, report)
-    state = fsdp.gather_state_dict(model)
-    if rank == 0:
-        trained = {k: v for k, v in state.items() if ".plugins." in k or k.startswith("projectors.")}
-        save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out, "trained.safetensors"))
-        if role == "full":  # our normal format, from a fresh copy of the starting model
-            fresh = build()
-            fresh.load_state_dict(state)
-            fresh.save_pretrained(os.path.join(out, "model"))
-    if role == "full":  # then the same steps in bf16: what the forward computes in, what the optimizer keeps
-        model = fsdp.shard_model(build(), mixed_precision="bf16")
-        seen = {}
-
-        def record(layer, args):  # the first call: the gathered unit inside the forward
-            seen.setdefault("compute", dict(plugin=str(layer.plugins["gen"].A.dtype), base=str(layer.base_weight.dtype),
-                                            input=str(args[0].dtype)))
-
-        hlora.adapter_layers(model.llm)[0].register_forward_pre_hook(record)
-        report["bf16"] = {"losses": [], "dtypes": seen}
-        train(model, optimizer(model), 0, steps, report["bf16"])
+    def save_trained(model, name):  # gathered to rank 0: the trained parameters only
         state = fsdp.gather_state_dict(model)
         if rank == 0:
             trained = {k: v for k, v in state.items() if ".plugins." in k or k.startswith("projectors.")}
-            save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out, "trained-bf16.safetensors"))
+            save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out, name))
+        return state
+
+    if attempt == 0:  # trains to save_at, checkpoints and dies
+        model = fsdp.shard_model(build())
+        train(model, optimizer(model), 0, steps, {"losses": []}, kill_at=save_at)
+        raise SystemExit("the first attempt must have been killed at its checkpoint")
+
+    # the restart: fresh processes, only the checkpoint on disk from the killed ones
+    report = {"attempt": attempt, "left": sorted(os.listdir(out))}
+    model = fsdp.shard_model(build())
+    opt = optimizer(model)
+    fsdp.load_sharded(model, opt, ckpt)
+    report["resumed"] = {"losses": []}
+    train(model, opt, save_at, steps, report["resumed"])
+    save_trained(model, "trained-resumed.safetensors")
+
+    # the uninterrupted fp32 run
+    model = fsdp.shard_model(build())
+    report.update(sizes=fsdp.shard_sizes(model), cls=type(model).__name__, losses=[])
+    train(model, optimizer(model), 0, steps, report)
+    state = save_trained(model, "trained.safetensors")
+    if rank == 0:  # our normal format, from a fresh copy of the starting model
+        fresh = build()
+        fresh.load_state_dict(state)
+        fresh.save_pretrained(os.path.join(out, "model"))
+
+    # the same steps in bf16: what the forward computes in, what the optimizer keeps
+    model = fsdp.shard_model(build(), mixed_precision="bf16")
+    seen = {}
+
+    def record(layer, args):  # the first call: the gathered unit inside the forward
+        seen.setdefault("compute", dict(plugin=str(layer.plugins["gen"].A.dtype), base=str(layer.base_weight.dtype),
+                                        input=str(args[0].dtype)))
+
+    hlora.adapter_layers(model.llm)[0].register_forward_pre_hook(record)
+    report["bf16"] = {"losses": [], "dtypes": seen}
+    train(model, optimizer(model), 0, steps, report["bf16"])
+    save_trained(model, "trained-bf16.safetensors")
     with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(tmp_path, role, expect_ok=True):
-    out = tmp_path / role
-    out.mkdir(exist_ok=True)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(out), role, str(STEPS), str(SAVE_AT)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out, proc
-
-
-def _reports(out):
-    return [json.load(open(out / f"report-{r}.json")) for r in (0, 1)]
-
-
-@pytest.fixture(scope="module")
-def reference():
+def _reference(scope):
     """One process, the whole global batch of 4 per step, plain fp32: losses and trained weights."""
-    scope = {}
-    exec(COMMON, scope)
-    torch.manual_seed(0)
     model = scope["build"]()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = scope["optimizer"](model)
     losses = []
     for step in range(STEPS):
@@ -161,7 +154,31 @@ def reference():
         opt.zero_grad()
         losses.append(loss.item())
     trained = {k: v.detach().clone() for k, v in model.state_dict().items() if ".plugins." in k or k.startswith("projectors.")}
-    return {"losses": losses, "trained": trained, "start": scope["build"]().state_dict()}
+    return {"losses": losses, "trained": trained, "start": start}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The 2-process launch (killed once, restarted) and, meanwhile, the single-process reference."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = tmp / "out"
+    out.mkdir()
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+           str(script), str(out), str(STEPS), str(SAVE_AT)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        scope = {}
+        exec(COMMON, scope)
+        reference = _reference(scope)
+        log = proc.communicate(timeout=400)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-6000:]
+    reports = [json.load(open(out / f"report-{r}.json")) for r in (0, 1)]
+    return {"out": out, "reports": reports, "reference": reference}
 
 
 def _worst(a: dict, b: dict) -> float:
@@ -169,14 +186,13 @@ def _worst(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("fsdp"), "full")[0]
+def _close(a: list, b: list, tol: float) -> bool:
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < tol
 
 
-def test_each_rank_holds_half_and_training_matches_one_process(full_run, reference):
-    reports = _reports(full_run)
-    assert all(r["class"] == "FSDPHealthGPT" for r in reports)
+def test_each_rank_holds_half_and_training_matches_one_process(run):
+    reports, reference = run["reports"], run["reference"]
+    assert all(r["cls"] == "FSDPHealthGPT" for r in reports)
     sizes = [r["sizes"] for r in reports]
     assert sizes[0]["full"] == sizes[1]["full"] == sum(v.numel() for v in reference["start"].values())
     assert all(s["unsharded"] == 0 for s in sizes)  # every parameter, frozen or trainable, is sharded
@@ -185,9 +201,8 @@ def test_each_rank_holds_half_and_training_matches_one_process(full_run, referen
         assert abs(s["local"] / s["full"] - 0.5) < 0.01, s
 
     for r in reports:
-        assert len(r["losses"]) == STEPS
-        assert max(abs(x - y) for x, y in zip(r["losses"], reference["losses"])) < 1e-4, (r["losses"], reference["losses"])
-    trained = load_file(full_run / "trained.safetensors")
+        assert _close(r["losses"], reference["losses"], 1e-4), (r["losses"], reference["losses"])
+    trained = load_file(run["out"] / "trained.safetensors")
     assert _worst(trained, reference["trained"]) < 1e-4
     moved = _worst(trained, {k: reference["start"][k] for k in trained})
     assert moved > 1e-3  # both plugins and projectors did train
@@ -196,40 +211,36 @@ def test_each_rank_holds_half_and_training_matches_one_process(full_run, referen
         assert b and max(trained[k].abs().max().item() for k in b) > 1e-3, f"plugin {task} did not train"
 
 
-def test_gathered_save_loads_on_one_process(full_run, reference):
-    loaded = HealthGPT.from_pretrained(str(full_run / "model"))
-    trained = load_file(full_run / "trained.safetensors")
-    state = loaded.state_dict()
-    assert state.keys() == reference["start"].keys()
+def test_gathered_save_loads_on_one_process(run):
+    loaded = HealthGPT.from_pretrained(str(run["out"] / "model"))
+    trained = load_file(run["out"] / "trained.safetensors")
+    state, start = loaded.state_dict(), run["reference"]["start"]
+    assert state.keys() == start.keys()
     assert _worst(trained, {k: state[k] for k in trained}) == 0.0
     frozen = [k for k in state if k not in trained]
     assert len(frozen) > 100  # the base weights came back whole from their shards, unchanged
-    assert _worst({k: state[k] for k in frozen}, {k: reference["start"][k] for k in frozen}) == 0.0
+    assert _worst({k: state[k] for k in frozen}, {k: start[k] for k in frozen}) == 0.0
 
 
-def test_kill_and_resume_ends_like_the_uninterrupted_run(full_run, tmp_path):
-    out, proc = _launch(tmp_path, "kill", expect_ok=False)
-    assert proc.returncode != 0  # it really died
-    assert os.path.isdir(out / "ckpt") and not os.path.exists(out / "ckpt.staging")
-    assert not (out / "trained.safetensors").exists()
-    resume = tmp_path / "resume"
-    resume.mkdir()
-    os.replace(out / "ckpt", resume / "ckpt")
-    _launch(tmp_path, "resume")
-    assert _worst(load_file(resume / "trained.safetensors"), load_file(full_run / "trained.safetensors")) < 1e-6
-    full_losses = _reports(full_run)[0]["losses"]
-    assert max(abs(x - y) for x, y in zip(_reports(resume)[0]["losses"], full_losses[SAVE_AT:])) < 1e-6
+def test_kill_and_resume_ends_like_the_uninterrupted_run(run):
+    for r in run["reports"]:
+        assert r["attempt"] == 1  # torchrun restarts only a failed attempt: the first one really died
+        assert r["left"] == ["ckpt"]  # what the killed attempt left: a whole checkpoint, no staging folder, no weights
+        assert _close(r["resumed"]["losses"], r["losses"][SAVE_AT:], 1e-6), (r["resumed"]["losses"], r["losses"])
+    resumed = load_file(run["out"] / "trained-resumed.safetensors")
+    assert _worst(resumed, load_file(run["out"] / "trained.safetensors")) < 1e-6
+    assert _worst(resumed, {k: run["reference"]["start"][k] for k in resumed}) > 1e-3  # not the starting point
 
 
-def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(full_run, reference):
-    for r in _reports(full_run):
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(run):
+    for r in run["reports"]:
         d = r["bf16"]["dtypes"]
         assert d["compute"] == {"plugin": "torch.bfloat16", "base": "torch.bfloat16", "input": "torch.bfloat16"}
         assert d["sharded"] == d["grad"] == "torch.float32"  # master weights and their reduced gradients
-        assert max(abs(x - y) for x, y in zip(r["bf16"]["losses"], reference["losses"])) < 5e-2  # bf16 rounding only
-    trained = load_file(full_run / "trained-bf16.safetensors")
+        assert _close(r["bf16"]["losses"], run["reference"]["losses"], 5e-2)  # bf16 rounding only
+    trained = load_file(run["out"] / "trained-bf16.safetensors")
     assert all(v.dtype == torch.float32 for v in trained.values())
-    assert 0 < _worst(trained, reference["trained"]) < 5e-2
+    assert 0 < _worst(trained, run["reference"]["trained"]) < 5e-2
 
 
 def test_fsdp_refuses_a_single_process():
