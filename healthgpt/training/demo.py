@@ -180,12 +180,15 @@ def _panel(first: dict, last: dict, path: str, tile: int = 128) -> str:
 
     base = {k: os.path.dirname(v["predictions"]["gen"]) for k, v in (("first", first), ("last", last))}
     before = {r["id"]: r for r in read_predictions(first["predictions"]["gen"])}
+    def generated(path):  # at the tokenizer's few pixels: enlarged (nearest) so each pixel stays visible
+        return load_image(path).resize((tile, tile), Image.NEAREST)
+
     rows = []
     for r in read_predictions(last["predictions"]["gen"]):
         b = before[r["id"]]
         rows.append(make_panel([load_image(r["image"]), load_image(r["target"]),
-                                load_image(os.path.join(base["first"], b["prediction"])),
-                                load_image(os.path.join(base["last"], r["prediction"]))],
+                                generated(os.path.join(base["first"], b["prediction"])),
+                                generated(os.path.join(base["last"], r["prediction"]))],
                                ["input", "target", "untrained", "after stage 3"], f"{r['id']} ({r['task']})", tile=tile))
     panel = Image.new("RGB", (rows[0].width, sum(p.height for p in rows)))
     y = 0
