@@ -83,6 +83,8 @@ def test_short_demo_learns_and_reports_the_table(tmp_path, capsys):
 def test_demo_arguments_and_loss_helper():
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--out", "x", "--steps", "5", "6", "7"])
     assert (args.out, args.steps, args.image_size) == ("x", [5, 6, 7], 32) and callable(run_demo)
+    assert args.require_goals is False  # README's main job reports the goals and exits 0 after a complete run
+    assert add_demo_arguments(argparse.ArgumentParser()).parse_args(["--require-goals"]).require_goals is True
     rows = [{"loss": v} for v in (9, 8, 7, 6, 5, 4)]
     assert loss_fell(rows) == (8.5, 4.5)
     assert loss_fell([]) == (None, None)

@@ -16,8 +16,8 @@
    (input | target | untrained | trained), every stage's loss log and ``DIR/loss_curves.png``.
 
 The image tokenizer runs at 32 px by default (4 x 4 = 16 codes per image, one per vision patch,
-instead of 1024 at 256 px): the answer's length, not the model, sets a CPU's pace. Exit status 0 when the held-out goals
-(``GOALS``) are met.
+instead of 1024 at 256 px): the answer's length, not the model, sets a CPU's pace. The goals (``GOALS``) are
+reported as met or not; exit status 0 after a complete run, or, with ``--require-goals``, only when every goal is met.
 """
 
 from __future__ import annotations
@@ -75,14 +75,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--cache-dir", default=None, help="sample set and VQ-id cache (default $HEALTHGPT_CACHE or ~/.cache/healthgpt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show the Trainer's progress bars")
+    parser.add_argument("--require-goals", action="store_true",
+                        help="exit with status 1 unless every held-out goal is met (default: report them, exit 0)")
     return parser
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``healthgpt demo``; 0 when the held-out goals are met, 1 otherwise."""
+    """``healthgpt demo``; 0 after a complete run (with ``--require-goals``: only when every goal is met)."""
     config = replace(DemoConfig(), steps=tuple(args.steps), vq_steps=args.vq_steps, image_size=args.image_size)
     result = demo(out=args.out, config=config, cache_dir=args.cache_dir, seed=args.seed, progress=args.progress)
-    return 0 if all(result["goals"].values()) else 1
+    return 0 if all(result["goals"].values()) or not args.require_goals else 1
 
 
 def loss_fell(rows: list, key: str = "loss") -> tuple:
