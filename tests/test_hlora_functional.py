@@ -194,3 +194,106 @@ def test_any_shape_and_routing_matches_the_formula(T, d_in, d_out, plugins, seed
     x = torch.randn(T, d_in, generator=g, dtype=torch.float64)
     token_plugin = None if len(specs) == 1 else torch.randint(-1, len(specs), (T,), generator=g)
     torch.testing.assert_close(run(x, W, b, ps, token_plugin), reference(x, W, b, ps, token_plugin), **TOL[torch.float64])
+
+
+def _two_plugin_case(T=7, d_in=9, d_out=6, dtype=torch.float64):
+    """Two plugins with different k (R=6 in k=3, R=4 in k=2), mixed routing with a -1 token."""
+    W, b, ps = make(d_in, d_out, [(6, 3, 1.5), (4, 2, 0.7)], dtype, seed=T)
+    g = torch.Generator().manual_seed(T + 1)
+    x = torch.randn(T, d_in, generator=g, dtype=dtype)
+    token_plugin = torch.tensor([0, 1, -1, 1, 0, 0, 1][:T])
+    A, B, router = (torch.cat([p[i] for p in ps], dim=int(i == 1)) for i in range(3))
+    return x, W, b, A, B, router, token_plugin
+
+
+def _plain_adapter(x, A, B, router, token_plugin, dropouts, ranks=(6, 4), experts=(3, 2), scales=(1.5, 0.7)):
+    """h B^T in plain torch ops (autograd differentiates it): per plugin dropout(s u) * repeat(softmax)."""
+    hs = []
+    for p, (u, logits, k, s, q) in enumerate(zip((x @ A.t()).split(ranks, 1), (x @ router.t()).split(experts, 1),
+                                                  experts, scales, dropouts)):
+        g = torch.softmax(logits, dim=-1) * (token_plugin == p).to(x.dtype)[:, None]
+        hs.append(torch.nn.functional.dropout(s * u, q, training=True) * g.repeat_interleave(u.shape[1] // k, dim=1))
+    return torch.cat(hs, dim=1) @ B.t()
+
+
+def test_gated_up_projection_gradcheck_and_matches_plain_ops_with_dropout():
+    """The hand-written backward of the reference path (which recomputes h) against autograd
+    numerics and against plain torch ops drawing the same dropout masks."""
+    from hlora.kernels.reference import hlora_reference
+
+    x, W, b, A, B, router, tp = _two_plugin_case()
+    dropouts = (0.3, 0.5)
+
+    def fused(x, A, B, router):
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            return hlora_reference(x, W, b, A, B, router, (6, 4), (3, 2), (1.5, 0.7), tp.to(torch.int32), dropouts)
+
+    def plain(x, A, B, router):
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            return x @ W.t() + b + _plain_adapter(x, A, B, router, tp, dropouts)
+
+    inputs = [t.clone().requires_grad_(True) for t in (x, A, B, router)]
+    assert torch.autograd.gradcheck(fused, inputs)
+    y = fused(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y_ref = plain(*ref_inputs)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    for got, want in zip(grads, torch.autograd.grad(y_ref, ref_inputs, dy)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    # the masks are really drawn: another seed changes the output
+    with torch.random.fork_rng():
+        torch.manual_seed(12)
+        other = hlora_reference(x, W, b, A, B, router, (6, 4), (3, 2), (1.5, 0.7), tp.to(torch.int32), dropouts)
+    assert not torch.allclose(other, y.detach())
+
+
+def test_gated_up_projection_forward_is_bitwise_the_plain_rank_space():
+    from hlora.kernels.reference import hlora_reference, rank_space
+
+    x, W, b, A, B, router, tp = _two_plugin_case(T=7, d_in=13, d_out=11, dtype=torch.float32)
+    args = ((6, 4), (3, 2), (1.5, 0.7), tp.to(torch.int32), (0.2, 0.4))
+    torch.manual_seed(4)
+    y = hlora_reference(x, W, b, A, B, router, *args)
+    torch.manual_seed(4)
+    assert torch.equal(y, torch.addmm(torch.nn.functional.linear(x, W, b), rank_space(x, A, router, *args), B.t()))
+
+
+def _saved_activation_bytes(fn, params):
+    """Bytes of the unique non-parameter storages autograd saves for fn()'s backward."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn().sum().backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_hlora_saves_no_more_activations_than_peft_lora(dropout):
+    """H-LoRA's torch path keeps x, one [T, R] (u, dropped out), the gates [T, K] in float32 and
+    the bool keep mask: PEFT LoRA's x + one [T, R] plus T*K*4 (+ T*R mask bytes with dropout)."""
+    T, d_in, d_out = 33, 64, 48
+    x, W, b, A, B, router, _ = _two_plugin_case(T=T, d_in=d_in, d_out=d_out, dtype=torch.float32)
+    tp = torch.randint(-1, 2, (T,), generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    params = [W, b] + [t.requires_grad_(True) for t in (A, B, router)]
+    R, K = A.shape[0], router.shape[0]
+    hlora_bytes = _saved_activation_bytes(
+        lambda: hlora_linear(x, W, b, A, B, router, [6, 4], [3, 2], [1.5, 0.7], tp, dropout=dropout, training=True),
+        params)
+    lora = lambda: torch.nn.functional.linear(x, W, b) + 2.0 * (x @ A.t()) @ B.t()  # noqa: E731
+    lora_bytes = _saved_activation_bytes(lora, params)
+    assert lora_bytes == x.nbytes + T * R * 4  # x and u: what PEFT keeps (with dropout 0)
+    mask_bytes = T * R if dropout > 0 else 0
+    assert hlora_bytes <= lora_bytes + T * K * 4 + mask_bytes
