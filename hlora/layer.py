@@ -230,11 +230,16 @@ class HLoRALinear(AdapterLayer):
     plugin_cls = Plugin
 
     def adapted_forward(self, x, names, token_plugin):
+        return self.mixture(x, self.base_weight, self.bias, names, token_plugin)
+
+    def mixture(self, x, base, bias, names, token_plugin):
+        """``hlora_linear`` over the routed plugins, stacked along the rank axis; ``base`` is the
+        weight tensor, or a module computing the base product itself (quantized bases)."""
         ps = [self.plugins[n] for n in names]
         return hlora_linear(
             x,
-            self.base_weight,
-            self.bias,
+            base,
+            bias,
             _stack([p.A for p in ps]),
             _stack([p.B for p in ps], dim=1),
             _stack([p.router for p in ps]),

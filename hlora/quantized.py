@@ -31,8 +31,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from .functional import hlora_linear
-from .layer import HLoRALinear, _stack
+from .layer import HLoRALinear
 
 __all__ = [
     "QuantizedHLoRALinear",
@@ -154,21 +153,7 @@ class QuantizedHLoRALinear(HLoRALinear):
         return self.adapted_forward(x, names, token_plugin)
 
     def adapted_forward(self, x, names, token_plugin):
-        ps = [self.plugins[n] for n in names]
-        y = hlora_linear(
-            x.to(compute_dtype(self.base_layer, x)),
-            self.base_layer,
-            None,
-            _stack([p.A for p in ps]),
-            _stack([p.B for p in ps], dim=1),
-            _stack([p.router for p in ps]),
-            [p.rank for p in ps],
-            [p.num_experts for p in ps],
-            [p.scale for p in ps],
-            token_plugin,
-            [p.dropout for p in ps],
-            self.training,
-        )
+        y = self.mixture(x.to(compute_dtype(self.base_layer, x)), self.base_layer, None, names, token_plugin)
         return y.to(x.dtype)
 
     @property
