@@ -280,7 +280,8 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
     first_row, final = scores[0], scores[-1]
     goals = {
         f"closed accuracy >= untrained + {GOALS['closed_gain']:g} points": final["closed"] >= first_row["closed"] + GOALS["closed_gain"],
-        "closed accuracy > majority-class baseline": final["closed"] > baseline,
+        # the two percentages come from different sums: equal accuracies may differ in the last bit
+        "closed accuracy > majority-class baseline": final["closed"] > baseline + 1e-6,
         f"SSIM >= untrained + {GOALS['ssim_gain']:g}": final["ssim"] >= first_row["ssim"] + GOALS["ssim_gain"],
     }
     panel = _panel(first_row, final, os.path.join(out, "heldout_panel.png"))
