@@ -307,7 +307,7 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
         json.dump(summary, f, indent=1)
 
     log("")
-    log(f"HealthGPT demo (tiny model from random weights, CPU): stages 1 -> 2 -> 3, scored on a held-out split")
+    log("HealthGPT demo (tiny model from random weights, CPU): stages 1 -> 2 -> 3, scored on a held-out split")
     log(f"  {samples.split}")
     log(f"  image tokenizer: {vq_result.steps} reconstruction steps on the {vq_result.images} training images "
         f"({vq_result.active_codes} of its codes active), then frozen like the real model's")
