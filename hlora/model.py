@@ -339,7 +339,7 @@ def _adaptable_paths(model: nn.Module, spec: TargetSpec) -> list:
     return paths
 
 
-def _require_unmerged(model: nn.Module, action: str) -> None:
+def require_unmerged(model: nn.Module, action: str) -> None:
     merged = sorted({layer.merged for layer in adapter_layers(model) if layer.merged is not None})
     if merged:
         raise RuntimeError(f"cannot {action} while plugin {merged[0]!r} is merged into the base weights; call hlora.unmerge(model) first")
@@ -372,7 +372,7 @@ def add_plugin(model: nn.Module, name: str, plugin, target_modules: TargetSpec |
     Refused while a plugin is merged. The current task stays routed.
     """
     config = _require_config(model)
-    _require_unmerged(model, f"add plugin {name!r}")
+    require_unmerged(model, f"add plugin {name!r}")
     if name in config.plugins:
         raise ValueError(f"plugin {name!r} already exists (plugins {config.plugin_names}); hlora.delete_plugin it first or pick another name")
     new_config = HLoRAConfig.from_dict({**config.to_dict(), "plugins": {**config.plugins, name: plugin}})  # validates
@@ -412,7 +412,7 @@ def delete_plugin(model: nn.Module, name: str) -> None:
     _plugin_index(config.plugin_names, name)
     if len(config.plugins) == 1:
         raise ValueError(f"{name!r} is the model's only plugin; use hlora.unload(model) to remove hlora altogether")
-    _require_unmerged(model, f"delete plugin {name!r}")
+    require_unmerged(model, f"delete plugin {name!r}")
     for path, layer in list(named_adapter_layers(model)):
         layer.remove_plugin(name)
         if not layer.plugins:

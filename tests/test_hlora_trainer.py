@@ -104,6 +104,17 @@ def test_resuming_into_a_model_with_other_plugins_is_refused(tiny_model, tmp_pat
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
 
 
+def test_training_while_a_plugin_is_merged_is_refused_and_changes_nothing(tiny_model, tmp_path):
+    model = _model(tiny_model, 1)
+    hlora.merge(model, "gen")  # k = 1: mergeable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = HLoRATrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_Rows())
+    with pytest.raises(RuntimeError, match=r"cannot train while plugin 'gen' is merged"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not any(tmp_path.glob("checkpoint-*"))
+
+
 def test_a_trainable_tensor_outside_the_plugins_is_not_silently_dropped(tiny_model, tmp_path):
     model = _model(tiny_model, 1)
     model.model.norm.weight.requires_grad_(True)

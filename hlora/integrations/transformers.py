@@ -27,7 +27,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..config import HLoRAConfig
 from ..io import WEIGHTS_NAME, load, plugin_state_dict, save
-from ..model import get_config
+from ..model import get_config, require_unmerged
 
 __all__ = ["HLoRATrainerMixin", "HLoRATrainer"]
 
@@ -45,6 +45,12 @@ class HLoRATrainerMixin:
       required; checked before anything is copied) and continues the run;
       ``load_best_model_at_end`` loads the best checkpoint's the same way.
     """
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, refused while a plugin is merged: the optimizer would update plugin weights
+        the merged base already holds, and a later ``hlora.unmerge`` would corrupt the base."""
+        require_unmerged(self._hlora_model(), "train")
+        return super().train(*args, **kwargs)
 
     def _engine_checkpoints(self) -> bool:
         return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
