@@ -49,7 +49,7 @@ class HLoRATrainerMixin:
     def train(self, *args, **kwargs):
         """``Trainer.train``, refused while a plugin is merged: the optimizer would update plugin weights
         the merged base already holds, and a later ``hlora.unmerge`` would corrupt the base."""
-        require_unmerged(self._hlora_model(), "train")
+        require_unmerged(self.model, "train")  # any module tree: HealthGPT keeps its plugins in model.llm
         return super().train(*args, **kwargs)
 
     def _engine_checkpoints(self) -> bool:
