@@ -84,8 +84,23 @@ def _plugins(comp_rank: int, gen_rank: int, experts: int = 4, scale: float = 8.0
     }
 
 
+class JsonConfig:
+    """Strict JSON round trip for a config dataclass: ``from_dict`` refuses unknown fields (a typo in a
+    saved config fails loudly), ``to_dict`` gives what a JSON round trip gives (tuples become lists)."""
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
 @dataclass
-class HealthGPTConfig:
+class HealthGPTConfig(JsonConfig):
     """Everything needed to build a HealthGPT model.
 
     Attributes:
@@ -162,16 +177,6 @@ class HealthGPTConfig:
         return cls(**data)
 
     # ---- serialisation ----------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # tuples -> lists: what a JSON round trip gives
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HealthGPTConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown HealthGPTConfig fields {sorted(unknown)}")
-        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

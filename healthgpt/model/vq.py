@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from diffusers import VQModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from healthgpt.model.config import JsonConfig
 from hlora.files import atomic_write
 
 __all__ = ["VQConfig", "VQTokenizer"]
@@ -32,7 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
-class VQConfig:
+class VQConfig(JsonConfig):
     """Architecture of the taming VQGAN as diffusers sees it.
 
     ``block_out_channels[i]`` = taming ``ch * ch_mult[i]``; level i works at ``resolution / 2**i`` and
@@ -73,16 +74,6 @@ class VQConfig:
         down = tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn)
         up = tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn))
         return down, up
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VQConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VQConfig fields {sorted(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
 
 
 class VQTokenizer(nn.Module):
