@@ -17,9 +17,13 @@ Intensity (``intensity_unit``, then ``to_uint8``: ``rint(255 u)``):
   Chosen over CT's ``level +- width/2`` because DICOM files carry ``WindowCenter``/``WindowWidth``
   defined by exactly this function, so honouring a file's window needs it; for a HU window the two
   differ by one unit at the top end only. Without a window: min-max over the image.
-- DICOM: stored values go through the modality LUT (``RescaleSlope``/``RescaleIntercept``) first;
-  the window is the file's (first ``WindowCenter``/``WindowWidth``, its ``VOILUTFunction``) unless one
-  is given. ``MONOCHROME1`` is inverted after the window (``1 - u``). Colour data comes as RGB
+- DICOM: stored values go through the modality LUT (``RescaleSlope``/``RescaleIntercept``, or a
+  Modality LUT Sequence) first; the window is the one given, else the file's (first
+  ``WindowCenter``/``WindowWidth``, its ``VOILUTFunction``), else the file's first VOI LUT Sequence
+  item (PS3.3 C.11.2.1.1: ``u = LUT[clip(x - first_mapped, 0, entries - 1)] / (2**bits - 1)``), else
+  min-max. Enhanced multi-frame files (PS3.3 C.7.6.16) take the rescale and window of the shown frame
+  from its Per-Frame Functional Group (else the Shared one). ``MONOCHROME1`` is inverted after the
+  window (``1 - u``). Colour data comes as RGB
   (pydicom converts YCbCr; ``PALETTE COLOR`` goes through its lookup table). Multi-frame data:
   ``frame`` (default: the middle one). Files without the Part-10 preamble/meta (legacy ACR-NEMA
   style) are read too (``force``; the transfer syntax is the one pydicom detects).
@@ -184,13 +188,21 @@ class DicomImage:
     """One frame of a DICOM file before the intensity mapping."""
 
     values: np.ndarray  # float64 [H, W] in modality units (CT: Hounsfield units), or uint8 [H, W, 3] RGB
-    window: tuple | None  # the file's first (WindowCenter, WindowWidth), if it has one
-    voi_function: str  # the file's VOILUTFunction (LINEAR when absent)
+    window: tuple | None  # the frame's first (WindowCenter, WindowWidth), if it has one
+    voi_function: str  # the frame's VOILUTFunction (LINEAR when absent)
     invert: bool  # MONOCHROME1: low values display white
+    voi_lut_unit: np.ndarray | None = None  # values through the file's VOI LUT Sequence, in [0, 1]
 
     @property
     def is_color(self) -> bool:
         return self.values.ndim == 3
+
+    def unit(self, window: tuple | None = None) -> np.ndarray:
+        """Greyscale frame -> float64 [0, 1] (module docstring): ``window`` if given, else the file's
+        window, else its VOI LUT Sequence, else min-max; MONOCHROME1 inverted."""
+        if window is None and self.window is None and self.voi_lut_unit is not None:
+            return 1.0 - self.voi_lut_unit if self.invert else self.voi_lut_unit
+        return intensity_unit(self.values, window or self.window, self.invert, self.voi_function)
 
 
 def _first(value):
@@ -200,6 +212,38 @@ def _first(value):
         return float(value[0])
     except TypeError:
         return float(value)
+
+
+def _frame_group(ds: pydicom.Dataset, index: int | None, name: str) -> pydicom.Dataset:
+    """Where frame ``index``'s ``name`` macro lives in an enhanced multi-frame file (PS3.3 C.7.6.16):
+    the frame's Per-Frame Functional Group item, else the Shared one, else the dataset itself."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", index or 0), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and i < len(seq) and name in seq[i] and len(seq[i][name].value):
+            return seq[i][name].value[0]
+    return ds
+
+
+def _voi_lut_unit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """``values`` through the file's first VOI LUT Sequence item (PS3.3 C.11.2.1.1), scaled by the LUT's
+    bit depth to [0, 1]. Not pydicom's ``apply_voi``: it indexes in the LUT's own dtype, so with an
+    8-bit LUT an input more than 255 above the first mapped value wraps around instead of clipping."""
+    seq = ds.get("VOILUTSequence")
+    if not seq or "LUTDescriptor" not in seq[0] or "LUTData" not in seq[0]:
+        return None
+    entries, first, bits = (int(v) for v in seq[0].LUTDescriptor)
+    entries = entries or 65536  # C.11.1.1.1: 0 means 2**16 entries
+    if not 1 <= bits <= 16:
+        raise ImageLoadError(f"VOI LUT Descriptor declares {bits} bits per entry (1 to 16 allowed)")
+    data = seq[0].LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        little = ds.original_encoding[1] is not False
+        data = np.frombuffer(data, dtype="<u2" if little else ">u2")
+    lut = np.asarray(data, dtype=np.float64).reshape(-1)
+    if lut.size < entries:
+        raise ImageLoadError(f"VOI LUT Descriptor declares {entries} entries but the LUT Data holds {lut.size}")
+    index = np.clip(np.rint(values) - first, 0, entries - 1).astype(np.int64)
+    return lut[index] / (2**bits - 1)
 
 
 def _is_dicom(path: str) -> bool:
@@ -277,17 +321,20 @@ def read_dicom(path: str | os.PathLike, frame: int | None = None, max_pixels: in
         if arr.dtype != np.uint8:  # 16-bit lookup table entries -> 8 bits
             arr = to_uint8(arr / 65535.0)
         samples = 3
-    c, w = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    voi = _frame_group(ds, index, "FrameVOILUTSequence")
+    c, w = _first(voi.get("WindowCenter")), _first(voi.get("WindowWidth"))
     window = (c, w) if c is not None and w is not None else None
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    function = str(voi.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     if samples == 3:  # pydicom's pixel_array already converts YCbCr to RGB
         if arr.dtype != np.uint8:
             arr = to_uint8(intensity_unit(arr))
         return DicomImage(np.ascontiguousarray(arr), None, "LINEAR", False)
     if samples != 1:
         raise ImageLoadError(f"{path}: {samples} samples per pixel is not supported")
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    return DicomImage(values, window, function, photometric == "MONOCHROME1")
+    rescale = _frame_group(ds, index, "PixelValueTransformationSequence")
+    values = apply_modality_lut(arr, ds if rescale is ds or "ModalityLUTSequence" in ds else rescale).astype(np.float64)
+    lut = None if window is not None else _voi_lut_unit(values, ds)
+    return DicomImage(values, window, function, photometric == "MONOCHROME1", lut)
 
 
 # ---- NIfTI -------------------------------------------------------------------------------------------
@@ -408,7 +455,7 @@ def _load_file(path: str, window, frame, axis, slice_index, max_pixels) -> Image
         d = read_dicom(path, frame, max_pixels)
         if d.is_color:
             return to_pil(d.values)
-        return to_pil(to_uint8(intensity_unit(d.values, window or d.window, d.invert, d.voi_function)))
+        return to_pil(to_uint8(d.unit(window)))
     with Image.open(path) as im:  # reads the header only; pixels are decoded by load()
         _check_size(path, "the image", (im.height, im.width), max_pixels_limit(max_pixels))
         im.load()
