@@ -11,6 +11,11 @@ of ``router``)::
 which equals ``W0 x + b + s * sum_i g_i B_i A_i x``, the MoELoRA mixture, in two GEMMs.
 Tokens routed to no plugin (-1) get exactly the base output.
 
+``hlora_mixture`` is the same op with each plugin's ``A`` / ``B`` / ``router`` separate (what
+``HLoRALinear`` holds) and, for a mixed batch, the routing's grouping of tokens by plugin: the
+kernels then run each plugin's rank work on its own tokens only and read the plugins' tensors
+where they live (no concatenation per call).
+
 ``HLORA_BACKEND`` picks the implementation, here and nowhere else: ``auto`` (default: fused
 Triton kernels for CUDA tensors, the torch reference otherwise), ``torch``, or ``triton`` (kernels
 everywhere; on a CPU that needs ``TRITON_INTERPRET=1``). The math itself, its constants and
@@ -25,10 +30,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from hlora.kernels import fused_hlora_linear
+from hlora.kernels import fused_hlora_linear, grouped_hlora_linear
 from hlora.kernels.reference import hlora_reference, router_gates
 
-__all__ = ["hlora_linear", "backend", "router_gates"]
+__all__ = ["hlora_linear", "hlora_mixture", "backend", "router_gates"]
 
 _BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,6 +110,23 @@ def hlora_linear(
     The arguments are checked and normalised here once (tuples, a [T, d_in] view, int32 routing,
     the autocast dtype for the kernels); both backends receive them so.
     """
+    ranks, experts, scales, dropouts = _hparams(ranks, experts, scales, dropout, training)
+    d_out, d_in = _check_args(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    tp = None if token_plugin is None else token_plugin.reshape(-1).to(device=x.device, dtype=torch.int32)
+    if _use_kernels(x2, weight, bias):
+        x2 = _autocast(x2)
+        y = _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+        if y is None:
+            y = fused_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+    else:
+        y = hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
+    return y.view(*lead, d_out)
+
+
+def _hparams(ranks, experts, scales, dropout, training):
+    """-> (ranks, experts, scales, dropouts) as tuples; dropouts one per plugin, zeros unless training."""
     ranks, experts, scales = tuple(int(r) for r in ranks), tuple(int(k) for k in experts), tuple(float(s) for s in scales)
     dropouts = (float(dropout),) * len(ranks) if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
     if len(dropouts) != len(ranks):
@@ -113,19 +135,79 @@ def hlora_linear(
         raise ValueError(f"dropout probabilities must lie in [0, 1), got {dropouts}")
     if not training:
         dropouts = (0.0,) * len(ranks)
-    d_out, d_in = _check_args(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
-    tp = None if token_plugin is None else token_plugin.reshape(-1).to(device=x.device, dtype=torch.int32)
-    if _use_kernels(x2, weight, bias):
-        if torch.is_autocast_enabled(x2.device.type):
-            x2 = x2.to(torch.get_autocast_dtype(x2.device.type))
-        y = _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
-        if y is None:
-            y = fused_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
-    else:
-        y = hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts)
-    return y.view(*lead, d_out)
+    return ranks, experts, scales, dropouts
+
+
+def _autocast(x2):
+    """x2 in the autocast dtype when autocast is on (the kernels take one activation dtype)."""
+    if torch.is_autocast_enabled(x2.device.type):
+        return x2.to(torch.get_autocast_dtype(x2.device.type))
+    return x2
+
+
+def hlora_mixture(
+    x: torch.Tensor,
+    weight: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    bias: torch.Tensor | None,
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    routers: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    experts: Sequence[int],
+    scales: Sequence[float],
+    token_plugin: torch.Tensor | None = None,
+    groups=None,
+    dropout: float | Sequence[float] = 0.0,
+    training: bool = False,
+    stacked: Callable[[], tuple | None] | None = None,
+) -> torch.Tensor:
+    """``hlora_linear`` with each plugin's tensors separate: ``As[p]`` [R_p, d_in], ``Bs[p]``
+    [d_out, R_p], ``routers[p]`` [k_p, d_in]; other arguments as ``hlora_linear``.
+
+    ``groups``: the batch's tokens grouped by plugin (``hlora.routing.TokenGroups``: ``order`` [T],
+    tokens sorted by plugin with the unrouted last, and ``counts``, host ints), consistent with
+    ``token_plugin``. With it, a mixed batch (several plugins, ``token_plugin`` given) on the
+    kernels runs each plugin's rank GEMMs on its own tokens only, reading every plugin's tensors
+    where they live; every other case (the torch backend, one plugin, a decode step) stacks the
+    plugins along the rank axis and calls ``hlora_linear``. ``stacked``: returns that stack
+    ``(A, B, router)`` ready-made (a layer's inference copy), or ``None`` to concatenate here.
+    """
+    P = len(As)
+    if not (len(Bs) == len(routers) == len(ranks) == P) or P == 0:
+        raise ValueError(f"got {len(As)} A, {len(Bs)} B and {len(routers)} router tensors for {len(ranks)} plugins")
+    if P > 1 and token_plugin is not None and groups is not None:
+        ranks, experts, scales, dropouts = _hparams(ranks, experts, scales, dropout, training)
+        for p in range(P):  # each plugin's shapes, and the routing tensor's
+            d_out, d_in = _check_args(x, weight, bias, As[p], Bs[p], routers[p], ranks[p : p + 1], experts[p : p + 1],
+                                      scales[p : p + 1], token_plugin)
+        x2 = x.reshape(-1, d_in)
+        order, counts = groups
+        if order.dim() != 1 or order.numel() != x2.shape[0] or len(counts) != P or sum(counts) > x2.shape[0]:
+            raise ValueError(f"token groups (order {tuple(order.shape)}, counts {tuple(counts)}) do not describe "
+                             f"{x2.shape[0]} tokens of {P} plugins")
+        if _use_kernels(x2, weight, bias):
+            x2 = _autocast(x2)
+            if not _decode_linear_applies(x2, weight, dropouts):
+                order = order.to(device=x2.device, dtype=torch.int32)
+                y = grouped_hlora_linear(x2, weight, bias, As, Bs, routers, ranks, experts, scales, order, counts,
+                                         dropouts)
+                return y.view(*x.shape[:-1], d_out)
+    stack = None if stacked is None else stacked()
+    A, B, router = stack if stack is not None else (_cat(As), _cat(Bs, 1), _cat(routers))
+    return hlora_linear(x, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropout, training)
+
+
+def _cat(tensors, dim=0):
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim)
+
+
+def _decode_linear_applies(x2, weight, dropouts) -> bool:
+    """Whether ``_decode_linear`` takes this call (a CUDA decode step): it reads stacked plugins."""
+    if not x2.is_cuda:
+        return False
+    from hlora.kernels import decode  # imports Triton: only reached once the kernels are in use
+
+    return decode.supports(x2, weight, dropouts)
 
 
 def _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PluginConfig
-from .functional import hlora_linear, router_gates
+from .functional import hlora_linear, hlora_mixture, router_gates
 from .routing import Routing
 
 __all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable"]
@@ -234,8 +234,20 @@ class HLoRALinear(AdapterLayer):
 
     def mixture(self, x, base, bias, names, token_plugin):
         """``hlora_linear`` over the routed plugins, stacked along the rank axis; ``base`` is the
-        weight tensor, or a module computing the base product itself (quantized bases)."""
+        weight tensor, or a module computing the base product itself (quantized bases). A mixed
+        batch goes through ``hlora_mixture`` with each plugin's tensors and the routing's grouping
+        of tokens by plugin (built once per routing, shared by all layers): no concatenation, and
+        on the kernels each plugin's rank work runs on its own tokens only."""
         ps = [self.plugins[n] for n in names]
+        if len(ps) > 1 and token_plugin is not None:
+            active = [self.plugin_names[i] for i in self.routing.active]
+            keep = None if names == active else tuple(active.index(n) for n in names)
+            return hlora_mixture(
+                x, base, bias, [p.A for p in ps], [p.B for p in ps], [p.router for p in ps],
+                [p.rank for p in ps], [p.num_experts for p in ps], [p.scale for p in ps],
+                token_plugin, self.routing.token_groups(x, keep), [p.dropout for p in ps], self.training,
+                stacked=lambda: self._stacked(ps),
+            )
         return hlora_linear(
             x,
             base,
@@ -250,6 +262,27 @@ class HLoRALinear(AdapterLayer):
             [p.dropout for p in ps],
             self.training,
         )
+
+
+    def _stacked(self, ps):
+        """-> (A, B, router) of plugins ``ps`` stacked along the rank axis, or ``None`` when autograd
+        must see the concatenation (a plugin tensor requires grad and grad mode is on). For
+        inference the stack is built once and kept while it is valid: it remembers the tensors it
+        was built from (the objects themselves, so a removed plugin's cannot be mistaken for a new
+        one's), their ``_version`` (bumped by every in-place write: an optimizer step,
+        ``load_state_dict``) and ``data_ptr`` (new storage: ``.to()``, ``.data =``), so a mixed batch
+        does not copy every plugin's weights per call (a decode step would, per layer and step)."""
+        tensors = [t for p in ps for t in (p.A, p.B, p.router)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        state = tuple((t._version, t.data_ptr()) for t in tensors)
+        cached = getattr(self, "_stack_cache", None)
+        if cached is None or cached[1] != state or len(cached[0]) != len(tensors) or any(
+                a is not b for a, b in zip(cached[0], tensors)):
+            with torch.no_grad():
+                stack = (torch.cat([p.A for p in ps]), torch.cat([p.B for p in ps], 1), torch.cat([p.router for p in ps]))
+            self._stack_cache = cached = (tensors, state, stack)
+        return cached[2]
 
 
 def _held_only(names: list, token_plugin, held) -> tuple:

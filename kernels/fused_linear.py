@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional
 
@@ -75,6 +76,10 @@ def _empty(shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _zeros(shape, dtype, device):
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def strategy() -> str:
@@ -161,12 +166,15 @@ def _run(launch: Launch):
 # Options (all constexpr): B1's rows come from two tensors split at N_SPLIT (x @ [A; router]^T),
 # output rows split at M_SPLIT into two tensors (dA and drouter), K1 split over grid axis 1 with
 # fp32 atomic accumulation (weight gradients), Cin an input matrix added in the epilogue (the
-# base's output, for the cublas strategy; it may alias C).
+# base's output, for the cublas strategy; it may alias C). Grouped plugins (one plugin's row
+# segment of a mixed batch): A1's rows (IDX_A1), C's and Cin's rows (IDX_C) or B1's K index
+# (IDX_B1K, the token axis of a weight gradient) are read through the token index ``idx`` [M]
+# (the segment's slice of the routing's sort permutation): no gathered copy of x, dy, y or dx.
 
 
 @triton.jit
 def _gemm_kernel(
-    a1_ptr, b1_ptr, b1x_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, cin_ptr, c_ptr, c2_ptr,
+    a1_ptr, b1_ptr, b1x_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, cin_ptr, c_ptr, c2_ptr, idx_ptr,
     M, N, K1, K2, K3, N_SPLIT, M_SPLIT, K_SPLIT,
     stride_a1m, stride_a1k, stride_b1n, stride_b1k, stride_b1xn, stride_b1xk,
     stride_a2m, stride_a2k, stride_b2n, stride_b2k,
@@ -174,6 +182,7 @@ def _gemm_kernel(
     stride_cinm, stride_cinn, stride_cm, stride_cn, stride_c2m, stride_c2n,
     HAS_B1X: tl.constexpr, HAS_A2: tl.constexpr, HAS_A3: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_CIN: tl.constexpr, HAS_C2: tl.constexpr, ATOMIC: tl.constexpr,
+    IDX_A1: tl.constexpr, IDX_C: tl.constexpr, IDX_B1K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -193,6 +202,12 @@ def _gemm_kernel(
     # rows/columns past the edge load a valid row again (never stored): only K needs load masks
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
+    if IDX_A1 or IDX_C:
+        r_idx = tl.load(idx_ptr + rm).to(tl.int64)  # the tokens this tile's rows stand for
+    if IDX_A1:
+        ra1 = r_idx
+    else:
+        ra1 = rm
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -207,12 +222,15 @@ def _gemm_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_hi
-        a = tl.load(a1_ptr + rm[:, None] * stride_a1m + kk[None, :] * stride_a1k, mask=k_ok[None, :], other=0.0)
+        a = tl.load(a1_ptr + ra1[:, None] * stride_a1m + kk[None, :] * stride_a1k, mask=k_ok[None, :], other=0.0)
         if HAS_B1X:
             b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn_b[None, :] * stride_b1n,
                         mask=k_ok[:, None] & ~in_x[None, :], other=0.0).to(DOT_DTYPE)
             b += tl.load(b1x_ptr + kk[:, None] * stride_b1xk + rn_x[None, :] * stride_b1xn,
                          mask=k_ok[:, None] & in_x[None, :], other=0.0).to(DOT_DTYPE)
+        elif IDX_B1K:
+            kb = tl.load(idx_ptr + kk, mask=k_ok, other=0).to(tl.int64)
+            b = tl.load(b1_ptr + kb[:, None] * stride_b1k + rn[None, :] * stride_b1n, mask=k_ok[:, None], other=0.0)
         else:
             b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn[None, :] * stride_b1n, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -233,7 +251,10 @@ def _gemm_kernel(
             b = tl.load(b3_ptr + kk[:, None] * stride_b3k + rn[None, :] * stride_b3n, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-    m64 = offs_m.to(tl.int64)
+    if IDX_C:
+        m64 = r_idx
+    else:
+        m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
@@ -308,17 +329,26 @@ def _split_for(M: int, N: int, tokens_bucket: int, device: torch.device) -> int:
 
 
 def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3=None, b3=None, bias=None,
-         cin=None, out2=None, atomic=False, dot_dtype, n_cap=None, tiles=GEMM_TILES):
+         cin=None, out2=None, atomic=False, dot_dtype, n_cap=None, tiles=GEMM_TILES, idx=None, idx_on=()):
     """out[M, N] = a1 @ b1^T (+ a2 @ b2^T) (+ a3 @ b3^T) (+ bias) (+ cin), any strides (pass
     transposed views freely). ``b1x``: rows n >= n_split of B1 are ``b1x[n - n_split]``. ``out2``:
     rows m >= out.shape[0] of the product go to ``out2[m - out.shape[0]]``. ``atomic``: the
     outputs are float32 accumulators (zeroed by the caller) and K1, the token axis, is split over
     programs that add their partial tiles atomically. ``tokens``: the token count, for the tuning
-    key's bucket. Products in ``dot_dtype``, accumulation in float32."""
-    m_split = out.shape[0]
+    key's bucket. Products in ``dot_dtype``, accumulation in float32.
+    ``idx`` (int32, one token index per product row, or per K1 step for ``"b1k"``) with ``idx_on``
+    naming what it indexes: ``"a1"`` (A1's rows), ``"c"`` (the rows of out and cin), ``"b1k"``
+    (B1's K index): one plugin's row segment of a grouped batch; M (or K1) is then ``len(idx)``."""
+    if (idx is None) != (not idx_on) or not set(idx_on) <= {"a1", "c", "b1k"}:
+        raise ValueError(f"idx_on={idx_on!r} needs an index tensor and names only a1, c, b1k")
+    m_split = out.shape[0] if "c" not in idx_on else idx.shape[0]
+    if out2 is not None and "c" in idx_on:
+        raise ValueError("a row-split output is never written through an index")
     M = m_split + (out2.shape[0] if out2 is not None else 0)
     N = out.shape[1]
-    K1 = a1.shape[1]
+    K1 = a1.shape[1] if "b1k" not in idx_on else idx.shape[0]
+    if "a1" in idx_on and M != idx.shape[0]:
+        raise ValueError(f"{M} product rows but {idx.shape[0]} token indices")
     K2 = a2.shape[1] if a2 is not None else 0
     K3 = a3.shape[1] if a3 is not None else 0
     if out2 is not None and out2.dtype != out.dtype:
@@ -345,7 +375,7 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
         a2_ptr=a2 if a2 is not None else dummy, b2_ptr=b2 if b2 is not None else dummy,
         a3_ptr=a3 if a3 is not None else dummy, b3_ptr=b3 if b3 is not None else dummy,
         bias_ptr=bias if bias is not None else dummy, cin_ptr=cin if cin is not None else dummy,
-        c_ptr=out, c2_ptr=out2 if out2 is not None else out,
+        c_ptr=out, c2_ptr=out2 if out2 is not None else out, idx_ptr=idx if idx is not None else dummy,
         M=M, N=N, K1=K1, K2=K2, K3=K3, N_SPLIT=n_split, M_SPLIT=m_split, K_SPLIT=k_split,
     )
     names = ["a1", "b1", "b1x", "a2", "b2", "a3", "b3", "cin", "c", "c2"]
@@ -357,6 +387,7 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     consts = dict(
         HAS_B1X=b1x is not None, HAS_A2=a2 is not None, HAS_A3=a3 is not None, HAS_BIAS=bias is not None,
         HAS_CIN=cin is not None, HAS_C2=out2 is not None, ATOMIC=atomic,
+        IDX_A1="a1" in idx_on, IDX_C="c" in idx_on, IDX_B1K="b1k" in idx_on,
         DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
         PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32",
     )
@@ -371,7 +402,8 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 
     # the token dimension of the key is bucketed; the rest is the exact shape
     shape = (M, N) if atomic else (N, K1)  # the token axis: K1 for weight gradients, M otherwise
-    flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic)
+    flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic,
+             "a1" in idx_on, "c" in idx_on, "b1k" in idx_on)
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
     _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles), key,
                 reset if atomic else None))
@@ -388,10 +420,10 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 
 @triton.jit
 def _dh_db_kernel(
-    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr,
+    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, idx_ptr,
     T, N, R,
     stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db,
-    HAS_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DB: tl.constexpr, IDX_DY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     num_r = tl.cdiv(R, BLOCK_R)
@@ -403,6 +435,10 @@ def _dh_db_kernel(
     t_ok = offs_t < T
     r_ok = offs_r < R
     t64 = offs_t.to(tl.int64)
+    if IDX_DY:  # grouped plugins: dy's rows are this segment's tokens
+        t_dy = tl.load(idx_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
+    else:
+        t_dy = t64
     if HAS_DB:
         h = tl.load(h_ptr + t64[:, None] * stride_h + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
         h = h.to(DOT_DTYPE)
@@ -411,7 +447,7 @@ def _dh_db_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         n64 = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + t64[:, None] * stride_dyt + n64[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + t_dy[:, None] * stride_dyt + n64[None, :] * stride_dyn,
                      mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)
         b = tl.load(b_ptr + n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -442,10 +478,10 @@ def _dh_db_tiles(T, R):
     return list(unique.values())
 
 
-def dh_db(dy, B, h, dh, db, *, dot_dtype):
+def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None):
     """dh[T, R] = dy @ B (float32), and db[N, R] += dy^T @ h (float32 accumulator, zeroed by the
-    caller) when ``db`` is given."""
-    T, N = dy.shape
+    caller) when ``db`` is given. ``idx`` [T] (grouped plugins): dy's rows are ``dy[idx]``."""
+    T, N = dy.shape if idx is None else (idx.shape[0], dy.shape[1])
     R = B.shape[1]
     if T == 0 or R == 0:
         return
@@ -453,12 +489,13 @@ def dh_db(dy, B, h, dh, db, *, dot_dtype):
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(R, meta["BLOCK_R"]),)
 
-    args = dict(dy_ptr=dy, b_ptr=B, h_ptr=h, dh_ptr=dh, db_ptr=db if db is not None else dh, T=T, N=N, R=R,
+    args = dict(dy_ptr=dy, b_ptr=B, h_ptr=h, dh_ptr=dh, db_ptr=db if db is not None else dh,
+                idx_ptr=idx if idx is not None else dh, T=T, N=N, R=R,
                 stride_dyt=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
                 stride_h=h.stride(0), stride_dh=dh.stride(0), stride_db=db.stride(0) if db is not None else 0)
-    consts = dict(HAS_DB=db is not None, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
+    consts = dict(HAS_DB=db is not None, IDX_DY=idx is not None, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
                   PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32")
-    key = (tuning.token_bucket(T), N, R, str(dot_dtype), db is not None)
+    key = (tuning.token_bucket(T), N, R, str(dot_dtype), db is not None, idx is not None)
     _run(Launch("dh_db", _dh_db_kernel, grid, args, consts, _dh_db_tiles(T, R), key,
                 (lambda: db.zero_()) if db is not None else None))
 
@@ -728,3 +765,148 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
              tiles=DAR_TILES)
         dA, dB, drouter = dA.to(A.dtype), dB.to(B.dtype), drouter.to(router.dtype)  # no copy for float32
     return dx, dA, dB, drouter
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Grouped plugins: a mixed batch, each plugin's rank work on its own tokens only
+# ----------------------------------------------------------------------------------------------
+# ``order`` [T] (int32) lists the tokens sorted by plugin, the unrouted ones (-1) last, and
+# ``counts`` (host ints) how many each plugin has: plugin p's segment is order[s_p : s_p + n_p].
+# Per segment, the launches above run on that plugin's own tensors (A_p, B_p, router_p read where
+# they live, never concatenated) with the token rows read and written through the segment's index.
+# The rank-space buffers (UL, h, dh, dUL) are compact, in sorted order: row s_p + i is token
+# order[s_p + i]; row width pad(max R_p + k_p) (UL, dUL) and pad(max R_p) (h, dh).
+
+
+def _segments(counts):
+    """(plugin, first row, rows) of each plugin with tokens in the batch."""
+    out, start = [], 0
+    for p, n in enumerate(counts):
+        if n:
+            out.append((p, start, n))
+        start += n
+    return out
+
+
+def _segment_seed(seed: int, p: int) -> int:
+    """Each plugin's segment draws its dropout from its own Philox stream (row i of two segments
+    must not share a mask)."""
+    return (seed + 1_000_003 * p) % 2**31
+
+
+def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ranks, experts, scales, dropouts, seed):
+    """``hlora_forward`` for a mixed batch grouped by plugin (section comment above): x [T, D] ->
+    (y [T, N] in x.dtype, UL [T_r, R_w + K_w] float32, h [T_r, R_w] x.dtype), T_r = sum(counts),
+    R_w + K_w = max(R_p + k_p), R_w = max(R_p); plugin p's rows use their first R_p + k_p (R_p)
+    columns. As / Bs / routers: one tensor per plugin."""
+    T, dt, dev = x.shape[0], x.dtype, x.device
+    Tr = sum(counts)
+    width = max(r + k for r, k in zip(ranks, experts))
+    r_width = max(ranks)
+    _check_launch(x, r_width, dropouts)
+    segs = _segments(counts)
+    # a plugin narrower than the widest leaves columns of its rows unwritten: they hold zeros, so
+    # that every element the op returns is defined (one memset; none when all widths are equal)
+    alloc = _empty if len({r + k for r, k in zip(ranks, experts)}) == 1 else _zeros
+    ul = alloc((Tr, padded(width)), torch.float32, dev)
+    alloc = _empty if len(set(ranks)) == 1 else _zeros
+    h = alloc((Tr, padded(r_width)), dt, dev)
+    for p, s, n in segs:
+        R_p, k_p = ranks[p], experts[p]
+        idx = order[s : s + n]
+        gemm("ul", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
+             n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
+        meta, scale = _plugin_meta((R_p,), (k_p,), (scales[p],), (dropouts[p],), dev)
+        _gate("gate_fwd", _gate_fwd_kernel,
+              dict(ul_ptr=ul[s:], h_ptr=h[s:], stride_ul=ul.stride(0), stride_h=h.stride(0)),
+              n, (R_p,), (k_p,), (dropouts[p],), _segment_seed(seed, p), None, meta, scale)
+    N = Bs[0].shape[0]
+    rest = order[Tr:]  # the unrouted tokens: the base alone
+
+    def y_product(how):
+        if y_base is not None:
+            y = y_base.clone()
+        elif how == "fused":
+            y = _empty((T, N), dt, dev)
+            if rest.shape[0]:
+                gemm("y_fused", y, x, weight, bias=bias, tokens=rest.shape[0], dot_dtype=dt, idx=rest,
+                     idx_on=("a1", "c"))
+        else:
+            y = F.linear(x, weight, bias)
+        for p, s, n in segs:
+            idx, hp = order[s : s + n], h[s : s + n, : ranks[p]]
+            if how == "fused" and y_base is None:
+                gemm("y_fused", y, x, weight, a2=hp, b2=Bs[p], bias=bias, tokens=n, dot_dtype=dt, idx=idx,
+                     idx_on=("a1", "c"))
+            else:
+                gemm("y_adapter", y, hp, Bs[p], cin=y, tokens=n, dot_dtype=dt, idx=idx, idx_on=("c",))
+        return y
+
+    how = "cublas" if y_base is not None else _choose_strategy(
+        "y", dev, (tuning.token_bucket(T), N, x.shape[1], "grouped", *ranks, str(dt), bias is not None),
+        y_product)
+    return y_product(how), ul[:, :width], h[:, :r_width]
+
+
+def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks, experts, scales, dropouts, seed,
+                     need_dx=True, need_dw=True):
+    """``hlora_backward`` for a mixed batch grouped by plugin -> (dx [T, D] or None, [dA_p], [dB_p],
+    [drouter_p] in their parameters' dtypes, or None). ``weight`` None: dx is the adapter's part
+    only (zero on unrouted tokens)."""
+    T, D = x.shape
+    N = dy.shape[1]
+    dt, dev = x.dtype, x.device
+    Tr = sum(counts)
+    segs = _segments(counts)
+    _check_launch(x, max(ranks), dropouts)
+    dh = _empty((Tr, padded(max(ranks))), torch.float32, dev)
+    dul = _empty((Tr, padded(max(r + k for r, k in zip(ranks, experts)))), dt, dev)
+    dAs = dBs = drouters = None
+    if need_dw:  # float32 accumulators, one per gradient (the op's outputs may not alias each other)
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=dev)
+        dAs, dBs, drouters = [zeros(r, D) for r in ranks], [zeros(N, r) for r in ranks], [zeros(k, D) for k in experts]
+    for p, s, n in segs:
+        R_p, k_p = ranks[p], experts[p]
+        dh_db(dy, Bs[p], h[s : s + n, :R_p], dh[s : s + n, :R_p], dBs[p] if need_dw else None, dot_dtype=dt,
+              idx=order[s : s + n])
+        meta, scale = _plugin_meta((R_p,), (k_p,), (scales[p],), (dropouts[p],), dev)
+        _gate("gate_bwd", _gate_bwd_kernel,
+              dict(ul_ptr=ul[s:], dh_ptr=dh[s:], dul_ptr=dul[s:], stride_ul=ul.stride(0), stride_dh=dh.stride(0),
+                   stride_dul=dul.stride(0)),
+              n, (R_p,), (k_p,), (dropouts[p],), _segment_seed(seed, p), None, meta, scale)
+    rest = order[Tr:]
+
+    def dx_product(how):
+        if weight is None:  # the adapter's part: unrouted tokens get none
+            dx = torch.zeros((T, D), dtype=dt, device=dev) if rest.shape[0] else _empty((T, D), dt, dev)
+        elif how == "fused":
+            dx = _empty((T, D), dt, dev)
+            if rest.shape[0]:
+                gemm("dx_fused", dx, dy, weight.t(), tokens=rest.shape[0], dot_dtype=dt, idx=rest, idx_on=("a1", "c"))
+        else:
+            dx = torch.mm(dy, weight)
+        for p, s, n in segs:
+            R_p, k_p = ranks[p], experts[p]
+            idx, du, dl = order[s : s + n], dul[s : s + n, :R_p], dul[s : s + n, R_p : R_p + k_p]
+            if how == "fused" and weight is not None:
+                gemm("dx_fused", dx, dy, weight.t(), a2=du, b2=As[p].t(), a3=dl, b3=routers[p].t(), tokens=n,
+                     dot_dtype=dt, idx=idx, idx_on=("a1", "c"))
+            else:
+                gemm("dx_adapter", dx, du, As[p].t(), a2=dl, b2=routers[p].t(), cin=dx if weight is not None else None,
+                     tokens=n, dot_dtype=dt, idx=idx, idx_on=("c",))
+        return dx
+
+    dx = None
+    if need_dx:
+        how = "cublas" if weight is None else _choose_strategy(
+            "dx", dev, (tuning.token_bucket(T), N, D, "grouped", *ranks, str(dt)), dx_product)
+        dx = dx_product(how)
+    if need_dw:
+        for p, s, n in segs:
+            R_p, k_p = ranks[p], experts[p]
+            gemm("dar", dAs[p], dul[s : s + n, : R_p + k_p].t(), x.t(), out2=drouters[p], atomic=True, tokens=n,
+                 dot_dtype=dt, tiles=DAR_TILES, idx=order[s : s + n], idx_on=("b1k",))
+        dAs = [g.to(a.dtype) for g, a in zip(dAs, As)]
+        dBs = [g.to(b.dtype) for g, b in zip(dBs, Bs)]
+        drouters = [g.to(r.dtype) for g, r in zip(drouters, routers)]
+    return dx, dAs, dBs, drouters

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["fused_hlora_linear", "hlora_adapter_add"]
+__all__ = ["fused_hlora_linear", "grouped_hlora_linear", "hlora_adapter_add"]
 
 _ALIGN = 16  # rank-space rows are padded to a multiple of this many elements (fused_linear.RANK_ALIGN)
 
@@ -148,6 +148,111 @@ fused_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
+# grouped plugins: per-plugin tensors and the routing's sort permutation (mixed batches)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hlora::grouped_fwd", mutates_args=())
+def grouped_fwd(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    y_base: Optional[torch.Tensor],
+    As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+    routers: list[torch.Tensor],
+    order: torch.Tensor,
+    counts: Sequence[int],
+    ranks: Sequence[int],
+    experts: Sequence[int],
+    scales: Sequence[float],
+    dropouts: Sequence[float],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().grouped_forward(
+        x, weight, bias, y_base, list(As), list(Bs), list(routers), order, tuple(counts), tuple(ranks),
+        tuple(experts), tuple(scales), tuple(dropouts), seed,
+    )
+
+
+@grouped_fwd.register_fake
+def _(x, weight, bias, y_base, As, Bs, routers, order, counts, ranks, experts, scales, dropouts, seed):
+    Tr, width, r_width = sum(counts), max(r + k for r, k in zip(ranks, experts)), max(ranks)
+    return (
+        x.new_empty((x.shape[0], Bs[0].shape[0])),
+        x.new_empty((Tr, _padded(width)), dtype=torch.float32)[:, :width],
+        x.new_empty((Tr, _padded(r_width)))[:, :r_width],
+    )
+
+
+@torch.library.custom_op("hlora::grouped_bwd", mutates_args=())
+def grouped_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+    routers: list[torch.Tensor],
+    order: torch.Tensor,
+    counts: Sequence[int],
+    ul: torch.Tensor,
+    h: torch.Tensor,
+    ranks: Sequence[int],
+    experts: Sequence[int],
+    scales: Sequence[float],
+    dropouts: Sequence[float],
+    seed: int,
+    need_dx: bool,
+    need_dw: bool,
+) -> list[torch.Tensor]:
+    """-> [dx, dA_0.., dB_0.., drouter_0..] (empty tensors for what is not needed)."""
+    dx, dAs, dBs, drouters = _kernels().grouped_backward(
+        dy, x, weight, list(As), list(Bs), list(routers), order, tuple(counts), ul, h, tuple(ranks), tuple(experts),
+        tuple(scales), tuple(dropouts), seed, need_dx, need_dw,
+    )
+    if not need_dx:
+        dx = x.new_empty(0)
+    if not need_dw:
+        dAs, dBs, drouters = ([t.new_empty(0) for t in ts] for ts in (As, Bs, routers))
+    return [dx, *dAs, *dBs, *drouters]
+
+
+@grouped_bwd.register_fake
+def _(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks, experts, scales, dropouts, seed, need_dx, need_dw):
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    grads = [torch.empty_like(t) if need_dw else t.new_empty(0) for ts in (As, Bs, routers) for t in ts]
+    return [dx, *grads]
+
+
+def _grouped_setup_context(ctx, inputs, output):
+    x, weight, bias, y_base, As, Bs, routers, order, counts, ranks, experts, scales, dropouts, seed = inputs
+    _, ul, h = output
+    ctx.mark_non_differentiable(ul, h)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, order, ul, h, *As, *Bs, *routers)
+    ctx.hparams = (tuple(counts), tuple(ranks), tuple(experts), tuple(scales), tuple(dropouts), int(seed))
+
+
+def _grouped_backward(ctx, dy, _dul, _dh):
+    counts, ranks, experts, scales, dropouts, seed = ctx.hparams
+    P = len(ranks)
+    x, weight, order, ul, h, *params = ctx.saved_tensors
+    As, Bs, routers = params[:P], params[P : 2 * P], params[2 * P :]
+    n = ctx.needs_input_grad
+    need_dx, need_dw = bool(n[0]), any(bool(v) for v in n[4:7])
+    dy_base = dy if n[3] else None
+    if dy is None or not (need_dx or need_dw):
+        return (None, None, None, dy_base) + (None,) * 10
+    dx, *grads = grouped_bwd(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks, experts, scales, dropouts,
+                             seed, need_dx, need_dw)
+    lists = [grads[:P], grads[P : 2 * P], grads[2 * P :]] if need_dw else [None, None, None]
+    return (dx if need_dx else None), None, None, dy_base, *lists, None, None, None, None, None, None, None
+
+
+grouped_fwd.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
@@ -185,4 +290,23 @@ def hlora_adapter_add(y_base, x, A, B, router, ranks, experts, scales, token_plu
         raise ValueError(f"the base output has shape {tuple(y_base.shape)}, expected [{x.shape[0]}, {B.shape[0]}]")
     y, _, _ = fused_fwd(x, None, None, y_base.to(x.dtype), A, B, router, token_plugin, tuple(ranks), tuple(experts),
                         tuple(scales), dropouts, _seed(dropouts))
+    return y
+
+
+def grouped_hlora_linear(x, weight, bias, As, Bs, routers, ranks, experts, scales, order, counts, dropouts):
+    """``fused_hlora_linear`` for a mixed batch with each plugin's tensors separate (``As`` / ``Bs`` /
+    ``routers``: one per plugin, read where they live) and its tokens grouped: ``order`` int32 [T],
+    the tokens sorted by plugin (unrouted last), ``counts`` the tokens of each plugin (host ints).
+    Each plugin's rank GEMMs run on its own tokens only; unrouted tokens get the base output.
+    ``weight`` may be a callable base module, as in ``fused_hlora_linear``."""
+    seed = _seed(dropouts)
+    if callable(weight):
+        y_base = weight(x)
+        if y_base.shape != (x.shape[0], Bs[0].shape[0]):
+            raise ValueError(f"the base output has shape {tuple(y_base.shape)}, expected [{x.shape[0]}, {Bs[0].shape[0]}]")
+        weight, y_base = None, y_base.to(x.dtype)
+    else:
+        y_base = None
+    y, _, _ = grouped_fwd(x, weight, bias, y_base, list(As), list(Bs), list(routers), order, tuple(counts),
+                          tuple(ranks), tuple(experts), tuple(scales), tuple(dropouts), seed)
     return y

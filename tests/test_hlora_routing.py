@@ -113,3 +113,29 @@ def test_routing_errors_are_clear(tiny_model, inputs_for):
         with hlora.task(model, "nope"):
             pass
     assert hlora.get_task(model) == ["comp", "gen"]
+
+
+def test_token_groups_sort_tokens_by_plugin_once_per_shape():
+    """The routing's grouping of tokens by plugin (the grouped kernels' segments): a stable sort
+    with the unrouted tokens last, host counts, built once per token shape and shared by layers;
+    ``keep`` restricts it to the plugins a layer holds."""
+    routing = hlora.routing.Routing((4, 7, 9), torch.tensor([1, -1, 0, 1, 2]))
+    x = torch.randn(5, 3, 8)  # 5 samples of 3 tokens
+    groups = routing.token_groups(x)
+    per_token = torch.tensor([1, -1, 0, 1, 2]).repeat_interleave(3)
+    order, counts = groups
+    assert counts == (3, 6, 3) and order.dtype == torch.int32
+    assert order.tolist() == [6, 7, 8, 0, 1, 2, 9, 10, 11, 12, 13, 14, 3, 4, 5]
+    key = torch.where(per_token < 0, 3, per_token)
+    assert torch.equal(key[order.long()], key.sort().values)
+    assert routing.token_groups(torch.randn(5, 3, 8)) is groups  # cached per (device, token shape)
+    assert routing.token_groups(torch.randn(5, 2, 8)).counts == (2, 4, 2)
+    # a layer holding plugins 9 and 4 (positions 2 and 0 of active, in that order): plugin 7 is unrouted
+    held = routing.token_groups(x, keep=(2, 0))
+    assert held.counts == (3, 3)
+    assert held.order.tolist() == [12, 13, 14, 6, 7, 8, 0, 1, 2, 3, 4, 5, 9, 10, 11]
+    assert hlora.routing.Routing((4,), batch=5).token_groups(x) is None
+    with pytest.raises(ValueError, match="batch dimension first"):
+        routing.token_groups(torch.randn(4, 3, 8))
+    with pytest.raises(ValueError, match=r"\[-1, 2\)"):
+        hlora.routing.TokenGroups.from_token_plugin(torch.tensor([0, 2]), 2)

@@ -24,7 +24,8 @@ if not ON_GPU:
     if _loaded is not None and not _loaded.INTERPRET:
         importlib.reload(_loaded)
 
-from hlora.functional import hlora_linear  # noqa: E402
+from hlora.functional import hlora_linear, hlora_mixture  # noqa: E402
+from hlora.routing import TokenGroups  # noqa: E402
 
 fused_linear = importlib.import_module("hlora.kernels.fused_linear")
 
@@ -497,3 +498,202 @@ def test_torch_compile_sees_one_op():
         results.append([y.detach()] + [leaf.grad for leaf in leaves])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped plugins: hlora_mixture with per-plugin tensors and the tokens grouped by plugin
+# ----------------------------------------------------------------------------------------------
+
+
+def _plugin_slices(t, sizes, dim=0):
+    """Each plugin's own leaf tensor (a copy of its slice of the stacked case tensor)."""
+    return [part.clone().requires_grad_() for part in t.split(list(sizes), dim)]
+
+
+def run_grouped(case, ranks, experts, scales, tp, dropout=0.0, training=False):
+    """``run`` through ``hlora_mixture``: each plugin's A / B / router a separate leaf, the tokens
+    grouped by ``TokenGroups``; the plugins' gradients are returned stacked, as ``run``'s."""
+    x = case["x"].clone().requires_grad_()
+    As, Bs, routers = (_plugin_slices(case["A"], ranks), _plugin_slices(case["B"], ranks, 1),
+                       _plugin_slices(case["router"], experts))
+    groups = TokenGroups.from_token_plugin(tp, len(ranks))
+    y = hlora_mixture(x, case["W"], case["b"], As, Bs, routers, ranks, experts, scales, tp, groups, dropout, training)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEV, y.dtype)
+    (y.float() * w.float()).sum().backward()
+    grads = {"x": x.grad, "A": torch.cat([a.grad for a in As]), "B": torch.cat([b.grad for b in Bs], 1),
+             "router": torch.cat([r.grad for r in routers])}
+    return y.detach(), w, grads
+
+
+GROUPED_CASES = {
+    # name: (T, D, N, ranks, experts, scales, routing)
+    "mixed-with-unrouted": (37, 19, 23, (8, 12), (2, 3), (2.0, 0.5), "random"),
+    "plugin-without-tokens": (11, 21, 17, (4, 12, 6), (1, 3, 2), (1.0, 0.5, 3.0), [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0]),
+    "one-token": (1, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [1]),
+    "all-unrouted": (5, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [-1] * 5),
+}
+
+
+def _routing(T, P, routing, seed=2):
+    if routing == "random":
+        return torch.randint(-1, P, (T,), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    return torch.tensor(routing, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(GROUPED_CASES))
+def test_grouped_plugins_match_float64(name, dtype):
+    T, D, N, ranks, experts, scales, routing = GROUPED_CASES[name]
+    case = make_case(T, D, N, ranks, experts, dtype)
+    tp = _routing(T, len(ranks), routing)
+    y, w, grads = run_grouped(case, ranks, experts, scales, tp)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert y.dtype == dtype
+    assert_near(y, y_ref, TOL[dtype], "y")
+    for k in ("x", "A", "B", "router"):
+        assert grads[k].dtype == case[k].dtype, k
+        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
+    if routing != "random":  # a plugin without tokens gets exactly zero gradients
+        for q in set(range(len(ranks))) - set(routing):
+            r0, k0 = sum(ranks[:q]), sum(experts[:q])
+            assert not grads["A"][r0 : r0 + ranks[q]].any() and not grads["router"][k0 : k0 + experts[q]].any()
+
+
+@pytest.mark.parametrize("how", ["cublas", "module"])
+def test_grouped_strategies_and_a_module_base_match_float64(how, monkeypatch):
+    """The cuBLAS-base strategy and a base module on grouped plugins, 70 tokens (the weight
+    gradients' atomic split over each segment's tokens)."""
+    monkeypatch.setenv("HLORA_STRATEGY", "cublas" if how == "cublas" else "fused")
+    ranks, experts, scales = (12, 4), (3, 4), (1.0, 3.0)
+    case = make_case(70, 21, 19, ranks, experts, torch.float32)
+    tp = _routing(70, 2, "random", seed=5)
+    if how == "module":
+        base = torch.nn.Linear(21, 19).to(DEV).requires_grad_(False)
+        with torch.no_grad():
+            base.weight.copy_(case["W"])
+            base.bias.copy_(case["b"])
+        y, w, grads = run_grouped({**case, "W": base, "b": None}, ranks, experts, scales, tp)
+    else:
+        y, w, grads = run_grouped(case, ranks, experts, scales, tp)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert_near(y, y_ref, TOL[torch.float32], "y")
+    for k in ("x", "A", "B", "router"):
+        assert_near(grads[k], g_ref[k], 2 * TOL[torch.float32], f"d{k}")
+
+
+def test_grouped_dropout_gradients_use_the_forward_mask():
+    """Dropout on grouped plugins: the backward uses the forward's mask (the gradients of an
+    adapter whose B is probed by a one-hot dy equal the float64 reference with the mask read from
+    the forward), and two plugins' segments do not share one mask."""
+    ranks, experts, scales, dropouts = (8, 8), (2, 2), (2.0, 0.5), (0.5, 0.5)
+    T, D, N = 12, 19, 23
+    case = make_case(T, D, N, ranks, experts, torch.float32)
+    tp = torch.tensor([0, 1] * 6, device=DEV)
+    groups = TokenGroups.from_token_plugin(tp, 2)
+    # the forward's h, read through an identity B (N = R): h = (y - base) / 1 on each plugin's columns
+    eye = torch.eye(16, device=DEV)
+    probe = {**case, "B": eye, "W": torch.zeros(16, D, device=DEV), "b": None}
+    As, routers = _plugin_slices(case["A"], ranks), _plugin_slices(case["router"], experts)
+    torch.manual_seed(11)
+    h_drop = hlora_mixture(case["x"], probe["W"], None, As, list(eye.split([8, 8], 1)), routers, ranks, experts,
+                           scales, tp, groups, dropouts, True).detach()
+    h_full = hlora_mixture(case["x"], probe["W"], None, As, list(eye.split([8, 8], 1)), routers, ranks, experts,
+                           scales, tp, groups, 0.0, False).detach()
+    live = h_full != 0
+    keep = ((h_drop != 0) | ~live).double()
+    torch.testing.assert_close(torch.where(keep.bool(), h_drop, 0.0), torch.where(keep.bool(), 2 * h_full, 0.0))
+    assert 0.2 < keep[live].mean().item() < 0.8
+    # row i of plugin 0's segment and row i of plugin 1's: different masks
+    assert not torch.equal(keep[0::2, :8], keep[1::2, 8:])
+    torch.manual_seed(11)
+    y, w, grads = run_grouped(case, ranks, experts, scales, tp, dropout=dropouts, training=True)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp, keep=keep, dropouts=dropouts)
+    assert_near(y, y_ref, 1e-5, "y")
+    for k in ("x", "A", "B", "router"):
+        assert_near(grads[k], g_ref[k], 2e-5, f"d{k}")
+
+
+def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens():
+    """The launch plan of a mixed batch: per plugin, the rank-space GEMMs and gates cover its own
+    tokens and ranks only, read its own tensors (nothing concatenated), and the unrouted tokens do
+    no rank work (only the base product)."""
+    ranks, experts, counts, T, D, N = (8, 12, 4), (2, 3, 4), (5, 0, 3), 10, 19, 23
+    meta = dict(device="meta")
+    x, W, dy = torch.empty(T, D, **meta), torch.empty(N, D, **meta), torch.empty(T, N, **meta)
+    As = [torch.empty(r, D, **meta) for r in ranks]
+    Bs = [torch.empty(N, r, **meta) for r in ranks]
+    routers = [torch.empty(k, D, **meta) for k in experts]
+    order = torch.empty(T, dtype=torch.int32, **meta)
+    args = (ranks, experts, (1.0,) * 3, (0.0,) * 3, 7)
+    with fused_linear.record_launches() as launches:
+        _, ul, h = fused_linear.grouped_forward(x, W, None, None, As, Bs, routers, order, counts, *args)
+        fused_linear.grouped_backward(dy, x, W, As, Bs, routers, order, counts, ul, h, *args)
+    by_role = {}
+    for launch in launches:
+        by_role.setdefault(launch.role, []).append(launch)
+    assert [(l.args["M"], l.args["N"]) for l in by_role["ul"]] == [(5, 10), (3, 8)]
+    assert [l.args["b1_ptr"] for l in by_role["ul"]] == [As[0], As[2]]
+    assert [l.args["b1x_ptr"] for l in by_role["ul"]] == [routers[0], routers[2]]
+    assert [(l.args["T"], l.args["R"]) for l in by_role["gate_fwd"] + by_role["gate_bwd"]] == [(5, 8), (3, 4)] * 2
+    # y and dx: the unrouted tokens' base product, then each plugin's tokens with its rank columns
+    for role, k_of in (("y_fused", "K2"), ("dx_fused", "K3")):
+        assert [(l.args["M"], l.args[k_of]) for l in by_role[role]] == [(2, 0), (5, {"K2": 8, "K3": 2}[k_of]),
+                                                                       (3, {"K2": 4, "K3": 4}[k_of])]
+    assert [l.args["b2_ptr"] for l in by_role["y_fused"][1:]] == [Bs[0], Bs[2]]
+    assert [(l.args["T"], l.args["R"]) for l in by_role["dh_db"]] == [(5, 8), (3, 4)]
+    assert [(l.args["M"], l.args["K1"], l.args["M_SPLIT"]) for l in by_role["dar"]] == [(10, 5, 8), (8, 3, 4)]
+
+
+def test_grouped_custom_ops_pass_opcheck():
+    ranks, experts, scales = [8, 12], [2, 3], [2.0, 0.5]
+    case = make_case(7, 19, 23, ranks, experts, torch.float32)
+    tp = torch.tensor([0, 1, -1, 1, 0, -1, 1], device=DEV)
+    order, counts = TokenGroups.from_token_plugin(tp, 2)
+    As, Bs, routers = (_plugin_slices(case["A"], ranks), _plugin_slices(case["B"], ranks, 1),
+                       _plugin_slices(case["router"], experts))
+    x = case["x"].clone().requires_grad_()
+    fwd_args = (x, case["W"], case["b"], None, As, Bs, routers, order, list(counts), ranks, experts, scales,
+                [0.1, 0.1], 123)
+    torch.library.opcheck(torch.ops.hlora.grouped_fwd.default, fwd_args)
+    with torch.no_grad():
+        _, ul, h = torch.ops.hlora.grouped_fwd(*fwd_args)
+    # compact, sorted by plugin: 5 routed rows, width max(R_p + k_p) = 15 and max(R_p) = 12, padded to 16
+    assert ul.shape == (5, 15) and h.shape == (5, 12) and ul.stride() == (16, 1) and h.stride() == (16, 1)
+    dy = torch.randn(7, 23, device=DEV)
+    detached = [[t.detach() for t in ts] for ts in (As, Bs, routers)]
+    bwd_args = (dy, x.detach(), case["W"], *detached, order, list(counts), ul, h, ranks, experts, scales, [0.1, 0.1],
+                123, True, True)
+    torch.library.opcheck(torch.ops.hlora.grouped_bwd.default, bwd_args)
+
+
+def test_layer_mixed_batch_runs_grouped_on_the_plugins_own_parameters(monkeypatch):
+    """HLoRALinear under per-sample routing: one grouped call reading each plugin's own Parameters
+    (no stacked launch), gradients landing in each plugin's ``.grad``, equal to the torch backend."""
+    import hlora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(19, 23)).to(DEV)
+    plugins = {"comp": hlora.PluginConfig(rank=8, num_experts=2, alpha=16),
+               "gen": hlora.PluginConfig(rank=12, num_experts=3, alpha=8)}
+    hlora.inject(model, hlora.HLoRAConfig(plugins=plugins))
+    layer = hlora.adapter_layers(model)[0]
+    with torch.no_grad():
+        for p in layer.plugins.values():
+            p.B.normal_(0.0, 0.3)
+    hlora.set_task(model, ["gen", None, "comp", "gen"])
+    x = torch.randn(4, 3, 19, device=DEV)
+    calls = []
+    for name in ("grouped_forward", "hlora_forward"):
+        real = getattr(fused_linear, name)
+        monkeypatch.setattr(fused_linear, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("HLORA_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.pow(2).sum().backward()
+        results[backend] = [y.detach()] + [p.grad for n in ("comp", "gen") for p in layer.plugins[n].parameters()]
+    assert calls == ["grouped_forward"]
+    for got, want in zip(*results.values()):
+        assert want is not None and want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
