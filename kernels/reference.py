@@ -48,7 +48,10 @@ def _plugin_parts(u_all, logits_all, ranks, experts, token_plugin, dropouts):
     stream), its keep mask (bool, None without dropout) and its gates ``router_gates`` [T, k_p]
     zeroed on the tokens not routed to p."""
     us, gates, masks = [], [], []
-    splits = zip(u_all.split(list(ranks), 1), logits_all.split(list(experts), 1), dropouts)
+    if len(ranks) == 1:  # one plugin: its columns are all of them (a split costs a few us per call)
+        splits = [(u_all, logits_all, dropouts[0])]
+    else:
+        splits = zip(u_all.split(list(ranks), 1), logits_all.split(list(experts), 1), dropouts)
     for p, (u, logits, p_drop) in enumerate(splits):
         g = router_gates(logits)
         if token_plugin is not None:
@@ -141,7 +144,15 @@ def adapter_delta(x2, A, B, router, ranks, experts, scales, token_plugin, dropou
 
 def hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, token_plugin, dropouts) -> torch.Tensor:
     """y [T, d_out] for x2 [T, d_in] in torch ops: the base (``weight`` [d_out, d_in] and ``bias``, or
-    ``weight`` a callable base module with ``bias`` None) plus the adapter, added by one addmm."""
+    ``weight`` a callable base module with ``bias`` None) plus the adapter, added by one addmm.
+
+    Inference (nothing to differentiate, no dropout: a decode step) skips ``GatedUpProjection``'s
+    autograd bookkeeping and runs its forward's ops directly: the same ops in the same order, so
+    the same bits (``rank_space``)."""
     u_all, logits_all = _products(x2, A, router)
     y = weight(x2) if callable(weight) else F.linear(x2, weight, bias)
+    if not any(dropouts) and not (torch.is_grad_enabled() and (
+            y.requires_grad or u_all.requires_grad or logits_all.requires_grad or B.requires_grad)):
+        h = _gated(*_plugin_parts(u_all, logits_all, ranks, experts, token_plugin, dropouts)[:2], experts, scales)
+        return torch.addmm(y, h, B.to(h.dtype).t())
     return GatedUpProjection.apply(y, u_all, logits_all, B, ranks, experts, scales, token_plugin, dropouts)
