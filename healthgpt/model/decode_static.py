@@ -15,6 +15,13 @@ text rows up to a stop token or ``max_new_tokens``); the difference is how the w
   column from the cache's own device counter; the positions advance on the device.
 - selection and stop conditions run on the device after each step; the host looks at the ``done``
   flags only every ``check_every`` steps, and copies the tokens back once at the end.
+- without a CUDA graph (a CPU) attention reads only the columns written so far (the host knows how
+  many without asking the device): a step then costs what the eager path's does, not ``L`` columns.
+- reuse (``decoder_for``): a model keeps its last few decoders, keyed on everything the captured step
+  reads or depends on (batch, cache length rounded up to ``LENGTH_BUCKET`` columns, dtype, device,
+  heads, the routing, every parameter's storage, merged plugins, attention implementation). A later
+  batch with the same key, prompts of any lengths that fit, resets the buffers in place and replays
+  the graph captured the first time.
 """
 
 from __future__ import annotations
@@ -25,10 +32,17 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, StaticLayer
 
-__all__ = ["StaticDecoder", "prefill_mask", "masked_attention"]
+from hlora.model import adapter_layers
+
+__all__ = ["StaticDecoder", "prefill_mask", "masked_attention", "decoder_for", "LENGTH_BUCKET", "MAX_KEPT_DECODERS"]
 
 # attention implementations that take the 4D boolean masks built here
 MASKED_ATTENTION = ("sdpa", "eager")
+# cache lengths are rounded up to a multiple of this, so batches of other prompt lengths reuse a decoder
+LENGTH_BUCKET = 64
+# decoders a model keeps for reuse (each holds a KV cache of batch x length columns)
+MAX_KEPT_DECODERS = 4
+_KEPT_ATTR = "_healthgpt_static_decoders"
 
 
 @contextlib.contextmanager
@@ -58,39 +72,81 @@ def prefill_mask(real: torch.Tensor, max_len: int, window: int | None) -> torch.
     return (visible[None] & (key_real[:, None, :] | (k == q)[None]))[:, None]
 
 
+class LiveStaticLayer(StaticLayer):
+    """A ``StaticLayer`` that gives attention only its first ``live`` columns (a host int; ``None``:
+    all ``max_cache_len``). Writes are ``StaticLayer``'s."""
+
+    live: int | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.live is None:
+            return keys, values
+        return keys[:, :, : self.live], values[:, :, : self.live]
+
+
 class StaticDecoder:
     """One batch's decoding state: the static KV cache and the fixed-shape step (module docstring).
 
     Args:
         llm: a ``Phi3ForCausalLM``-like causal LM (``llm.model`` returns ``last_hidden_state``), routed.
         attention_mask: [B, T] prompt mask (1 = real token, left padding).
-        steps: the most tokens generated per row; the cache holds ``T + steps`` columns.
+        steps: the most tokens generated per row.
         code_head / text_head: ``(weight, bias)`` of the heads the batch needs (``None`` when no row
             uses it): the ``<idx_*>`` rows of the output embeddings, and the whole output embeddings.
         use_graph: capture the step in a CUDA graph (CUDA only; ``None``: on CUDA devices).
+        max_len: the cache's columns (at least ``T + steps``; default exactly that).
+        live_columns: attention reads only the columns written so far (shapes change every step);
+            ``None``: without a CUDA graph. ``False`` keeps the one shape a graph captures.
+
+    ``reset`` starts another batch of the same size on the same buffers (and graph).
     """
 
-    def __init__(self, llm, attention_mask: torch.Tensor, steps: int, code_head, text_head, use_graph: bool | None = None):
+    def __init__(self, llm, attention_mask: torch.Tensor, steps: int, code_head, text_head, use_graph: bool | None = None,
+                 max_len: int | None = None, live_columns: bool | None = None):
         self.llm = llm
         self.device = attention_mask.device
-        self.batch, self.prompt_len = attention_mask.shape
-        self.max_len = self.prompt_len + steps
+        self.batch = attention_mask.shape[0]
+        self.max_len = attention_mask.shape[1] + steps if max_len is None else max_len
         self.window = getattr(llm.config, "sliding_window", None)
         self.code_head, self.text_head = code_head, text_head
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the batch is on {self.device}")
+        self.live_columns = not self.use_graph if live_columns is None else live_columns
+        if self.live_columns and self.use_graph:
+            raise ValueError("a CUDA graph replays one shape: live_columns needs use_graph=False")
         # every decoder layer gets a full-length static layer: a sliding window is applied by the mask
-        self.cache = Cache(layers=[StaticLayer(max_cache_len=self.max_len) for _ in range(llm.config.num_hidden_layers)])
-        real = attention_mask.bool()
-        self.real = real
-        self.key_real = F.pad(real, (0, steps), value=True)[:, None, None, :]  # generated columns are real
+        self.cache = Cache(layers=[LiveStaticLayer(max_cache_len=self.max_len) for _ in range(llm.config.num_hidden_layers)])
         self.columns = torch.arange(self.max_len, device=self.device)
-        self.positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1  # [B, 1], next position
+        # the step's inputs, static buffers that ``reset`` refills in place (a captured graph reads them)
+        self.key_real = torch.ones(self.batch, 1, 1, self.max_len, dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self._graph = None
         self._outputs = None
+        self.reset(attention_mask, steps)
+
+    def reset(self, attention_mask: torch.Tensor, steps: int) -> None:
+        """Start a batch of prompts [B, T] (B as built, ``T + steps <= max_len``): the cache empties (its
+        write counters go to 0; stale columns stay masked until overwritten), masks and positions refill."""
+        B, T = attention_mask.shape
+        if B != self.batch or T + steps > self.max_len:
+            raise ValueError(f"this decoder holds {self.batch} rows of {self.max_len} columns; got {B} rows of "
+                             f"{T} + {steps} columns")
+        self.prompt_len, self.steps = T, steps
+        self.real = attention_mask.bool()
+        self.key_real.fill_(True)  # generated columns are real
+        self.key_real[:, 0, 0, :T] = self.real
+        self.positions.copy_((attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1)  # [B, 1], next position
+        for layer in self.cache.layers:
+            layer.cumulative_length.zero_()
         self._steps_run = 0
+
+    def _live(self, columns: int | None) -> None:
+        """Attention reads the first ``columns`` cache columns (``None``: all; a captured graph has one shape)."""
+        for layer in self.cache.layers:
+            layer.live = columns if self.live_columns else None
 
     # ---- the model calls ------------------------------------------------------------------------
 
@@ -103,6 +159,9 @@ class StaticDecoder:
         """Run the prompts [B, T, H] into the cache -> the first step's (code logits, text logits)."""
         positions = (self.real.long().cumsum(-1) - 1).clamp(min=0)
         mask = prefill_mask(self.real, self.max_len, self.window)
+        if self.live_columns:
+            mask = mask[..., : self.prompt_len]
+        self._live(self.prompt_len)
         out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
                              cache=self.cache, use_cache=True)
         return self._heads(out.last_hidden_state[:, -1])
@@ -115,6 +174,8 @@ class StaticDecoder:
         if self.window is not None:
             visible = visible & (self.columns > current - self.window)
         mask = self.key_real & visible
+        if self.live_columns:  # this step writes column prompt_len + _steps_run - 1, and attends up to it
+            mask = mask[..., : self.prompt_len + self._steps_run]
         out = self.llm.model(input_ids=self.tokens, attention_mask=mask, position_ids=self.positions,
                              cache=self.cache, use_cache=True)
         self.positions.add_(1)
@@ -125,10 +186,12 @@ class StaticDecoder:
         first call runs eagerly on a side stream (warm-up: autotuning, workspaces, routing tensors), the
         second captures the step, and every later call replays it; the returned tensors are then the
         graph's static outputs, overwritten by the next call."""
-        if self._steps_run >= self.max_len - self.prompt_len:
-            raise RuntimeError(f"the static cache holds {self.max_len} columns; no room for another step")
+        if self._steps_run >= self.steps:
+            raise RuntimeError(f"the batch was given {self.steps} steps after a {self.prompt_len}-column prompt; "
+                               f"no room for another step")
         self.tokens.copy_(tokens.view(-1, 1))
         self._steps_run += 1
+        self._live(self.prompt_len + self._steps_run)
         if not self.use_graph:
             return self.step_fn()
         if self._graph is not None:
@@ -146,3 +209,53 @@ class StaticDecoder:
             self._outputs = self.step_fn()
         self._graph.replay()
         return self._outputs
+
+
+def _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph) -> tuple:
+    """What a kept decoder's buffers and captured step depend on: the batch's shape and kind, the
+    attention implementation, the routing (its content: the objects are new per ``set_task``), and
+    for every adapted layer its plugins and merged state, for every parameter its storage and
+    version (a graph reads weights by address, and a mixed batch's layers read a stacked copy of
+    their plugins that an in-place update replaces: ``HLoRALinear._stacked``)."""
+    layers = adapter_layers(llm)
+    routing = layers[0].routing if layers else None
+    routing_key = None if routing is None else (
+        routing.active, routing.batch, None if routing.per_sample is None else tuple(routing.per_sample.tolist()))
+    if any(layer.routing is not routing for layer in layers):
+        routing_key = ("per layer", tuple(id(layer.routing) for layer in layers))  # not shared: never equal twice
+    return (
+        attention_mask.device, dtype, attention_mask.shape[0], max_len, use_graph, llm.config._attn_implementation,
+        None if code_head is None else tuple(t.data_ptr() if t is not None else None for t in code_head),
+        None if text_head is None else tuple(t.data_ptr() if t is not None else None for t in text_head),
+        routing_key,
+        tuple((layer.merged, tuple(layer.plugins)) for layer in layers),
+        tuple((p.data_ptr(), p._version) for p in llm.parameters()),
+    )
+
+
+def decoder_for(llm, attention_mask: torch.Tensor, steps: int, code_head, text_head, dtype: torch.dtype,
+                use_graph: bool | None = None) -> StaticDecoder:
+    """A ``StaticDecoder`` for this batch: one the model kept from an earlier batch with the same key
+    (``_reuse_key``; its routing objects are put back on the layers, so a captured graph reads live
+    tensors), reset for these prompts, or a new one (kept; the oldest of more than
+    ``MAX_KEPT_DECODERS`` is dropped). The cache has ``T + steps`` columns rounded up to
+    ``LENGTH_BUCKET``."""
+    device = attention_mask.device
+    use_graph = device.type == "cuda" if use_graph is None else use_graph
+    needed = attention_mask.shape[1] + steps
+    max_len = -(-needed // LENGTH_BUCKET) * LENGTH_BUCKET
+    key = _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph)
+    kept = llm.__dict__.setdefault(_KEPT_ATTR, {})
+    if key in kept:
+        decoder, routing = kept.pop(key)
+        kept[key] = (decoder, routing)  # most recently used last
+        for layer in adapter_layers(llm):
+            layer.set_routing(routing)
+        decoder.reset(attention_mask, steps)
+        return decoder
+    decoder = StaticDecoder(llm, attention_mask, steps, code_head, text_head, use_graph=use_graph, max_len=max_len)
+    layers = adapter_layers(llm)
+    kept[key] = (decoder, layers[0].routing if layers else None)
+    while len(kept) > MAX_KEPT_DECODERS:
+        kept.pop(next(iter(kept)))
+    return decoder

@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from healthgpt.model.decode_static import StaticDecoder, masked_attention
+from healthgpt.model.decode_static import decoder_for, masked_attention
 
 __all__ = ["logits_warpers", "sample_next", "decode", "decode_eager"]
 
@@ -162,7 +162,8 @@ def decode(
     rows' lengths and ``done`` flags; a text row is done at its first stop token (not kept) or after
     ``max_new_tokens`` tokens, an image row after step n. The host reads ``done`` every
     ``check_every`` steps (to stop early) and the tokens once at the end. ``use_graph``: capture the
-    step in a CUDA graph (``None``: on CUDA).
+    step in a CUDA graph (``None``: on CUDA). The decoder (its cache, and graph) is the model's kept one
+    for this batch's key when there is one (``decode_static.decoder_for``).
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
@@ -184,7 +185,7 @@ def decode(
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     with masked_attention(llm):
-        decoder = StaticDecoder(llm, attention_mask, steps, code_head, text_head, use_graph=use_graph)
+        decoder = decoder_for(llm, attention_mask, steps, code_head, text_head, inputs_embeds.dtype, use_graph=use_graph)
         code_logits, text_logits = decoder.prefill(inputs_embeds)
         for step in range(steps):
             if has_img:
