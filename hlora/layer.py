@@ -266,15 +266,16 @@ class HLoRALinear(AdapterLayer):
 
     def _stacked(self, ps):
         """-> (A, B, router) of plugins ``ps`` stacked along the rank axis, or ``None`` when autograd
-        must see the concatenation (a plugin tensor requires grad and grad mode is on). For
-        inference the stack is built once and kept while it is valid: it remembers the tensors it
-        was built from (the objects themselves, so a removed plugin's cannot be mistaken for a new
-        one's), their ``_version`` (bumped by every in-place write: an optimizer step,
-        ``load_state_dict``) and ``data_ptr`` (new storage: ``.to()``, ``.data =``), so a mixed batch
-        does not copy every plugin's weights per call (a decode step would, per layer and step)."""
+        must see the concatenation (a plugin tensor requires grad and grad mode is on, or under
+        ``torch.compile``). For inference the stack is built once and kept while it is valid: it
+        remembers the tensors it was built from (the objects themselves, so a removed plugin's
+        cannot be mistaken for a new one's), their ``_version`` (bumped by every in-place write: an
+        optimizer step, ``load_state_dict``) and ``data_ptr`` (new storage: ``.to()``, ``.data =``),
+        so a mixed batch does not copy every plugin's weights per call (a decode step would, per
+        layer and step)."""
         tensors = [t for p in ps for t in (p.A, p.B, p.router)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return None  # a traced graph concatenates itself (it cannot guard on versions)
         state = tuple((t._version, t.data_ptr()) for t in tensors)
         cached = getattr(self, "_stack_cache", None)
         if cached is None or cached[1] != state or len(cached[0]) != len(tensors) or any(
