@@ -24,13 +24,21 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
   fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router], torch.zeros(dA, drouter),
   d[A; router] by fp32 atomics, three casts to the parameters' bf16 (none for fp32 parameters).
   Mixed batches masked.
-- ``cublas``: the same rank-space launches; the base through F.linear / torch.mm and the adapter
-  GEMM accumulating into its output after it (reads and writes y and dx once more), as built.
-- ``fused_grouped``: ``fused`` with mixed batches grouped by plugin (issue 11 item 5; not built).
+- ``cublas``: the same rank-space launches; the adapter GEMM writes its product (+ bias) into y and
+  dx first, then cuBLAS accumulates the base into them (``addmm_``, beta = 1: the extra C read
+  hides under the compute-bound GEMM), as built.
+- ``fused_grouped`` / ``cublas_grouped``: the two strategies on a mixed batch as built (issue 11
+  item 5, ``grouped_forward`` / ``grouped_backward``): per plugin segment (its share of the tokens,
+  rows read and written through the routing's sort permutation) the ul, gate, y / y_adapter,
+  dh_db, gate-backward, dx / dx_adapter and d[A; router] launches on its own tensors (each reads
+  its W0 again: free at the compute-bound roofline), one gate and one gate-backward launch over
+  all segments, the unrouted tokens' base product, one zero fill per mixed-width rank buffer and
+  one for all the gradients' fp32 accumulators, one cast per gradient. One plugin: the plain
+  plans (the launchers stack nothing then).
 - ``fused_epilogue``: issue 11's target: the gate in the UL GEMM's epilogue, the gate backward in
   the dy pass's epilogue (no fp32 dh round trip), one zero and one cast launch, grouped batches.
-- ``cublas_beta1``: ``cublas`` with the adapter product written first and cuBLAS accumulating the
-  base into it (beta = 1): its extra C read hides under the compute-bound GEMM.
+- ``cublas_d3d13cb``: ``cublas`` as built at d3d13cb: the base first (F.linear / torch.mm), then the
+  adapter GEMM reading and writing y and dx once more.
 - ``peft_lora``: PEFT's LoRA (peft.tuners.lora.Linear, dropout 0) of the same total rank:
   base, x A^T, (.) B^T, * scaling, + result; autograd's backward of each, dx accumulated once.
 - ``moelora_loop``: hlora's ``variant="moelora"`` (MoELoRALinear): router GEMM, router_gates'
@@ -319,9 +327,72 @@ def fused_plan(p: Problem, grouped: bool = False, epilogue: bool = False) -> lis
     return [*a["fwd"], y, *a["zero"], *a["dy"], dx, *a["dar"], *a["cast"]]
 
 
+def _grouped_plan(p: Problem, strategy: str) -> list:
+    """kernels/fused_linear.py's ``grouped_forward`` / ``grouped_backward`` launch by launch (module
+    docstring); launches in the launchers' order."""
+    T, D, N = p.T, p.d_in, p.d_out
+    segs = [(T * q.share, q.rank, q.experts) for q in p.plugins]
+    rest = T - sum(t for t, _, _ in segs)  # unrouted tokens
+    Tr, width, r_width = T - rest, max(r + k for _, r, k in segs), max(r for _, r, _ in segs)
+    fwd = []
+    if len({r + k for _, r, k in segs}) > 1:
+        fwd.append(elementwise("fwd torch.zeros UL (mixed widths)", read=0, write=Tr * pad16(width) * F32))
+    if len({r for _, r, _ in segs}) > 1:
+        fwd.append(elementwise("fwd torch.zeros h (mixed ranks)", read=0, write=Tr * pad16(r_width) * ACT))
+    fwd += [Launch(f"fwd p{i} ul: UL_p = x[idx] [A_p; router_p]^T (fp32)", 2.0 * t * D * pad16(r + k),
+                   t * D * ACT + (r + k) * D * ACT + t * (r + k) * F32, "ul") for i, (t, r, k) in enumerate(segs)]
+    fwd.append(Launch("fwd gate_fwd: h = gate(UL), every plugin's segment", 0.0,
+                      sum(t * (r + k) * F32 + t * r * ACT for t, r, k in segs), "gate_fwd"))
+    if strategy == "fused":
+        if rest:
+            fwd.append(Launch("fwd unrouted y_fused: y[idx] = x[idx] W0^T", 2.0 * rest * N * D,
+                              rest * D * ACT + N * D * ACT + rest * N * ACT, "y_fused"))
+        fwd += [Launch(f"fwd p{i} y_fused: y[idx] = [x[idx], h_p] [W0, B_p]^T", 2.0 * t * N * D + 2.0 * t * N * pad16(r),
+                       t * D * ACT + N * D * ACT + t * r * ACT + N * r * ACT + t * N * ACT, "y_fused")
+                for i, (t, r, k) in enumerate(segs)]
+    else:
+        if rest:
+            fwd.append(elementwise("fwd y[unrouted] := bias (a fill of y)", read=0, write=T * N * ACT))
+        fwd += [Launch(f"fwd p{i} y_adapter: y[idx] := h_p B_p^T + bias", 2.0 * t * N * pad16(r),
+                       t * r * ACT + N * r * ACT + t * N * ACT, "y_adapter") for i, (t, r, k) in enumerate(segs)]
+        fwd.append(gemm("fwd y += x W0^T (cuBLAS addmm_, beta=1)", T, N, D, c_in=ACT))
+    grads = sum((r + k) * D + N * r for _, r, k in segs)  # every plugin's dA, dB, drouter elements
+    bwd = [elementwise("bwd torch.zeros: one fp32 buffer for every plugin's dA, dB, drouter", read=0, write=grads * F32)]
+    bwd += [Launch(f"bwd p{i} dh_db: dh_p = dy[idx] B_p (fp32); dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
+                   t * N * ACT + N * r * ACT + t * r * ACT + t * r * F32 + N * r * F32, "dh_db")
+            for i, (t, r, k) in enumerate(segs)]
+    bwd.append(Launch("bwd gate_bwd: dUL = gate_backward(dh, UL), every plugin's segment", 0.0,
+                      sum(t * r * F32 + t * (r + k) * F32 + t * (r + k) * ACT for t, r, k in segs), "gate_bwd"))
+    if strategy == "fused":
+        if rest:
+            bwd.append(Launch("bwd unrouted dx_fused: dx[idx] = dy[idx] W0", 2.0 * rest * D * N,
+                              rest * N * ACT + N * D * ACT + rest * D * ACT, "dx_fused"))
+        bwd += [Launch(f"bwd p{i} dx_fused: dx[idx] = [dy[idx], dUL_p] [W0; A_p; router_p]",
+                       2.0 * t * D * N + 2.0 * t * D * (pad16(r) + pad16(k)),
+                       t * N * ACT + N * D * ACT + t * (r + k) * ACT + (r + k) * D * ACT + t * D * ACT, "dx_fused")
+                for i, (t, r, k) in enumerate(segs)]
+    else:
+        if rest:
+            bwd.append(elementwise("bwd torch.zeros dx (unrouted rows)", read=0, write=T * D * ACT))
+        bwd += [Launch(f"bwd p{i} dx_adapter: dx[idx] := dUL_p [A_p; router_p]", 2.0 * t * D * (pad16(r) + pad16(k)),
+                       t * (r + k) * ACT + (r + k) * D * ACT + t * D * ACT, "dx_adapter")
+                for i, (t, r, k) in enumerate(segs)]
+        bwd.append(gemm("bwd dx += dy W0 (cuBLAS addmm_, beta=1)", T, D, N, c_in=ACT))
+    bwd += [Launch(f"bwd p{i} dar: d[A_p; router_p] += dUL_p^T x[idx] (fp32 atomics)", 2.0 * D * t * pad16(r + k),
+                   t * (r + k) * ACT + t * D * ACT + (r + k) * D * F32, "dar") for i, (t, r, k) in enumerate(segs)]
+    bwd += [elementwise(f"bwd cast {g}_p{i} to the parameter dtype", read=n * F32, write=n * ACT)
+            for i, (_, r, k) in enumerate(segs) for g, n in (("dA", r * D), ("dB", N * r), ("drouter", k * D))]
+    return fwd + bwd
+
+
 def fused_grouped_plan(p: Problem) -> list:
-    """The built kernels with mixed batches grouped by plugin (issue 11 item 5, not built yet)."""
-    return fused_plan(p, grouped=True)
+    """The fused strategy as built on a mixed batch grouped by plugin (``_grouped_plan``)."""
+    return fused_plan(p) if len(p.plugins) == 1 else _grouped_plan(p, "fused")
+
+
+def cublas_grouped_plan(p: Problem) -> list:
+    """The cuBLAS-base strategy as built on a mixed batch grouped by plugin."""
+    return cublas_plan(p) if len(p.plugins) == 1 else _grouped_plan(p, "cublas")
 
 
 def fused_epilogue_plan(p: Problem) -> list:
@@ -329,21 +400,21 @@ def fused_epilogue_plan(p: Problem) -> list:
     return fused_plan(p, grouped=True, epilogue=True)
 
 
-def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = False) -> list:
-    """The cuBLAS-base strategy as built: F.linear / torch.mm for the base, then the adapter GEMM
-    accumulating into its output (reads and writes y and dx once more). ``beta1``: the adapter's
-    product written first and cuBLAS accumulating the base into it (its extra C read hides under the
-    compute-bound GEMM)."""
+def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = True) -> list:
+    """The cuBLAS-base strategy as built: the adapter's product (+ bias) written first by the
+    adapter GEMM, then cuBLAS accumulating the base into it (addmm_, beta = 1: its extra C read hides
+    under the compute-bound GEMM). ``beta1=False``: as built at d3d13cb, F.linear / torch.mm for the
+    base, then the adapter GEMM accumulating into its output (reads and writes y and dx once more)."""
     T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
     a = _adapter_launches(p, grouped, epilogue=False)
     rs = a["rs"]
     y_ad = (2.0 * N * rs.h_mma, rs.h * ACT + N * R * ACT)
     dx_ad = (2.0 * D * rs.dx_mma, rs.ul * ACT + (R + K) * D * ACT)
     if beta1:
-        y = [Launch("fwd y := h B^T (adapter GEMM)", y_ad[0], y_ad[1] + T * N * ACT),
-             gemm("fwd y += x W0^T (cuBLAS, beta=1)", T, N, D, c_in=ACT)]
-        dx = [Launch("bwd dx := dUL [A; router] (adapter GEMM)", dx_ad[0], dx_ad[1] + T * D * ACT),
-              gemm("bwd dx += dy W0 (cuBLAS, beta=1)", T, D, N, c_in=ACT)]
+        y = [Launch("fwd y_adapter: y := h B^T + bias", y_ad[0], y_ad[1] + T * N * ACT, "y_adapter"),
+             gemm("fwd y += x W0^T (cuBLAS addmm_, beta=1)", T, N, D, c_in=ACT)]
+        dx = [Launch("bwd dx_adapter: dx := dUL [A; router]", dx_ad[0], dx_ad[1] + T * D * ACT, "dx_adapter"),
+              gemm("bwd dx += dy W0 (cuBLAS addmm_, beta=1)", T, D, N, c_in=ACT)]
     else:
         y = [gemm("fwd y = x W0^T (F.linear)", T, N, D),
              Launch("fwd y_adapter: y += h B^T (reads and writes y)", y_ad[0], y_ad[1] + 2 * T * N * ACT, "y_adapter")]
@@ -353,8 +424,9 @@ def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = False) -> list:
     return [*a["fwd"], *y, *a["zero"], *a["dy"], *dx, *a["dar"], *a["cast"]]
 
 
-def cublas_beta1_plan(p: Problem) -> list:
-    return cublas_plan(p, beta1=True)
+def cublas_d3d13cb_plan(p: Problem) -> list:
+    """The cuBLAS-base strategy before the adapter was written first (commit d3d13cb)."""
+    return cublas_plan(p, beta1=False)
 
 
 def peft_lora_plan(p: Problem) -> list:
@@ -440,8 +512,9 @@ PLANS = {  # CSV provider name: plan (providers named as in benchmarks/bench_ker
     "hlora_fused": fused_plan,
     "hlora_cublas": cublas_plan,
     "hlora_fused_grouped": fused_grouped_plan,
+    "hlora_cublas_grouped": cublas_grouped_plan,
     "hlora_fused_epilogue": fused_epilogue_plan,
-    "hlora_cublas_beta1": cublas_beta1_plan,
+    "hlora_cublas_d3d13cb": cublas_d3d13cb_plan,
 }
 HLORA_PLANS = tuple(name for name in PLANS if name.startswith("hlora_"))
 
@@ -510,8 +583,8 @@ def csv_rows(launch_us: float = LAUNCH_US, version: str = "") -> list:
 def markdown(launch_us: float = LAUNCH_US) -> str:
     """The tables for benchmarks/RESULTS.md (measured columns left empty for the first GPU run)."""
     out = []
-    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_epilogue",
-            "hlora_cublas_beta1")
+    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_cublas_d3d13cb", "hlora_fused", "hlora_cublas",
+            "hlora_fused_epilogue")
     out.append(f"Lower bounds per layer, fwd+bwd, T={T_STUDY}, bf16, ratio to the frozen base; each launch costs "
                f"max(FLOPs / peak, bytes / bandwidth) + {launch_us:g} µs. k=4. Goal on paper: <= {GOALS[64]}x at "
                f"R=64, <= {GOALS[256]}x at R=256 (H-LoRA plans); `*` misses it; (launches) per plan. FLOP floor: "
@@ -551,7 +624,7 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
     out.append("Efficiency (fraction of the roofline) the fused strategy's Triton y / dx GEMMs must reach to tie with "
                "a plan whose GEMMs run on cuBLAS at the roofline, H200; `triton_gemm` / `cublas_gemm` rows of "
                "gpu_check.sh measure it.\n")
-    rivals = ("hlora_cublas", "hlora_cublas_beta1", "peft_lora")
+    rivals = ("hlora_cublas", "peft_lora")
     out.append("| projection | R | " + " | ".join(f"vs {name}" for name in rivals) + " | measured cublas / triton ms |")
     out.append("|---|---|" + "---|" * len(rivals) + "---|")
     for proj in PROJECTIONS:
@@ -572,7 +645,8 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
     # mixed batch
     out.append(f"50/50 comp (R=64) + gen (R=256) batch, H200: bound of the mixed batch / mean of the comp-only and "
                f"gen-only batches (goal <= {MIX_GOAL}); masked = every rank column for every token.\n")
-    mix_cols = ("hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_grouped", "hlora_fused_epilogue")
+    mix_cols = ("hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_grouped", "hlora_cublas_grouped",
+                "hlora_fused_epilogue")
     out.append("| projection | " + " | ".join(mix_cols) + " | measured fused | measured cublas |")
     out.append("|---|" + "---|" * len(mix_cols) + "---|---|")
     for proj in PROJECTIONS:

@@ -42,7 +42,7 @@ M3_PROJECTIONS = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 1638
 M3_ADAPTERS = {
     "R64k4": ((64,), (4,)),
     "R256k4": ((256,), (4,)),
-    "stacked64+256": ((64, 256), (4, 4)),
+    "stacked64+256": ((64, 256), (4, 4)),  # two plugins: stacked (masked) and grouped
     "R64k32": ((64,), (32,)),
     "R256k32": ((256,), (32,)),
 }
@@ -64,8 +64,11 @@ class Compiled:
     mma_rows: int  # rows of the kernel's output block (BLOCK_M / BLOCK_T); 0 for kernels without dots
 
 
-def plan(T, d_in, d_out, ranks, experts, strategy, dropout, dtype=torch.bfloat16, param_dtype=torch.bfloat16):
-    """The launches of one layer's forward and backward (both gradients) under ``strategy``."""
+def plan(T, d_in, d_out, ranks, experts, strategy, dropout, dtype=torch.bfloat16, param_dtype=torch.bfloat16,
+         grouped=False):
+    """The launches of one layer's forward and backward (both gradients) under ``strategy``.
+    ``grouped``: several plugins as a mixed batch grouped by plugin (``grouped_forward`` /
+    ``grouped_backward``), the tokens shared evenly; otherwise stacked (with a routing tensor)."""
     R, K = sum(ranks), sum(experts)
     meta = dict(device="meta")
     x = torch.empty(T, d_in, dtype=dtype, **meta)
@@ -80,6 +83,8 @@ def plan(T, d_in, d_out, ranks, experts, strategy, dropout, dtype=torch.bfloat16
     previous = os.environ.get("HLORA_STRATEGY")
     os.environ["HLORA_STRATEGY"] = strategy
     try:
+        if grouped:
+            return _grouped_plan(x, weight, dtype, T, ranks, experts, scales, dropouts, param_dtype)
         with fused_linear.record_launches() as launches:
             _, ul, h = fused_linear.hlora_forward(x, weight, bias, None, A, B, router, tp, ranks, experts, scales,
                                                   dropouts, 1234)
@@ -91,6 +96,22 @@ def plan(T, d_in, d_out, ranks, experts, strategy, dropout, dtype=torch.bfloat16
             os.environ.pop("HLORA_STRATEGY", None)
         else:
             os.environ["HLORA_STRATEGY"] = previous
+    return launches
+
+
+def _grouped_plan(x, weight, dtype, T, ranks, experts, scales, dropouts, param_dtype):
+    P, (d_out, d_in) = len(ranks), weight.shape
+    meta = dict(device="meta", dtype=param_dtype)
+    As = [torch.empty(r, d_in, **meta) for r in ranks]
+    Bs = [torch.empty(d_out, r, **meta) for r in ranks]
+    routers = [torch.empty(k, d_in, **meta) for k in experts]
+    counts = tuple(T // P + (1 if p < T % P else 0) for p in range(P))
+    order = torch.empty(T, dtype=torch.int32, device="meta")
+    args = (ranks, experts, scales, dropouts, 1234)
+    with fused_linear.record_launches() as launches:
+        _, ul, h = fused_linear.grouped_forward(x, weight, None, None, As, Bs, routers, order, counts, *args)
+        dy = torch.empty(T, d_out, dtype=dtype, device="meta")
+        fused_linear.grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, *args)
     return launches
 
 
@@ -202,7 +223,8 @@ def m3_launches():
             for T in TOKENS:
                 for strategy in ("fused", "cublas"):
                     for dropout in (0.0, 0.1):
-                        launches += plan(T, d_in, d_out, ranks, experts, strategy, dropout)
+                        for grouped in (False, True) if len(ranks) > 1 else (False,):
+                            launches += plan(T, d_in, d_out, ranks, experts, strategy, dropout, grouped=grouped)
     return launches
 
 

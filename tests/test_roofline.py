@@ -77,7 +77,7 @@ def test_fused_e83936e_does_exactly_the_six_products_and_splits_as_the_heuristic
     assert len(plan) == 17  # kernels-review.md: 17 launches per projection
 
 
-@pytest.mark.parametrize("plan", [rl.fused_plan, rl.cublas_plan, rl.cublas_beta1_plan, rl.fused_e83936e_plan,
+@pytest.mark.parametrize("plan", [rl.fused_plan, rl.cublas_plan, rl.cublas_d3d13cb_plan, rl.fused_e83936e_plan,
                                   rl.fused_epilogue_plan])
 def test_hlora_plans_do_at_least_the_flop_floor(plan):
     p = rl.Problem(T, D, N, (rl.Plugin(40, 4),))
@@ -124,12 +124,18 @@ def test_cli_writes_liger_rows_with_bounds(tmp_path):
     assert "| o_proj | 64 |" in (tmp_path / "roofline.md").read_text()
 
 
-@pytest.mark.parametrize("strategy, plan", [("fused", rl.fused_plan), ("cublas", rl.cublas_plan)])
+@pytest.mark.parametrize("strategy, plan, grouped", [
+    ("fused", rl.fused_plan, False), ("cublas", rl.cublas_plan, False),
+    ("fused", rl.fused_grouped_plan, True), ("cublas", rl.cublas_grouped_plan, True)])
 @pytest.mark.parametrize("ranks, experts", [((64,), (4,)), ((64, 256), (4, 4))])
-def test_built_plans_list_the_triton_launches_the_launchers_make(strategy, plan, ranks, experts):
-    """The as-built plans against what kernels/fused_linear.py's launchers record for one layer."""
+def test_built_plans_list_the_triton_launches_the_launchers_make(strategy, plan, grouped, ranks, experts):
+    """The as-built plans against what kernels/fused_linear.py's launchers record for one layer:
+    stacked (masked) and grouped mixed batches, the tokens split evenly."""
     from hlora.kernels import compile_gate  # the kernels' own plan recorder (meta tensors, nothing runs)
 
-    launched = [l.role for l in compile_gate.plan(512, 96, 80, ranks, experts, strategy, 0.0)]
+    launches = compile_gate.plan(512, 96, 80, ranks, experts, strategy, 0.0, grouped=grouped and len(ranks) > 1)
     p = rl.Problem(512, 96, 80, tuple(rl.Plugin(r, k, 1 / len(ranks)) for r, k in zip(ranks, experts)))
-    assert [l.role for l in plan(p) if l.role] == launched
+    assert [l.role for l in plan(p) if l.role] == [l.role for l in launches]
+    if grouped and len(ranks) > 1:  # each plugin's rank GEMMs on its own 256 tokens
+        assert [l.args["M"] for l in launches if l.role == "ul"] == [256, 256]
+        assert [l.args["K1"] for l in launches if l.role == "dar"] == [256, 256]
