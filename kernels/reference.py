@@ -32,7 +32,7 @@ def router_gates(logits: torch.Tensor) -> torch.Tensor:
     to exact zeros (logits more than ``-GATE_LOG_FLOOR`` below the row max become -inf first)."""
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     z = z - z.amax(dim=-1, keepdim=True).detach()
-    z = z.masked_fill(z < GATE_LOG_FLOOR, float("-inf"))
+    z.masked_fill_(z < GATE_LOG_FLOOR, float("-inf"))  # in place: z is this function's own tensor
     return torch.softmax(z, dim=-1)
 
 
@@ -40,7 +40,12 @@ def _products(x2, A, router):
     """u = x2 A^T [T, R] and the router logits x2 router^T [T, K]."""
     # two products, not one over torch.cat([A, router]): no copy of the weights per call (the same
     # dot products; a decode step is memory-bound and a CUDA graph would replay the copy every step)
-    return x2 @ A.to(x2.dtype).t(), x2 @ router.to(x2.dtype).t()
+    return torch.mm(x2, _cast(A, x2.dtype).t()), torch.mm(x2, _cast(router, x2.dtype).t())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when it is one already (a decode step's ops cost their dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _plugin_parts(u_all, logits_all, ranks, experts, token_plugin, dropouts):
@@ -154,5 +159,5 @@ def hlora_reference(x2, weight, bias, A, B, router, ranks, experts, scales, toke
     if not any(dropouts) and not (torch.is_grad_enabled() and (
             y.requires_grad or u_all.requires_grad or logits_all.requires_grad or B.requires_grad)):
         h = _gated(*_plugin_parts(u_all, logits_all, ranks, experts, token_plugin, dropouts)[:2], experts, scales)
-        return torch.addmm(y, h, B.to(h.dtype).t())
+        return torch.addmm(y, h, _cast(B, h.dtype).t())
     return GatedUpProjection.apply(y, u_all, logits_all, B, ranks, experts, scales, token_plugin, dropouts)
