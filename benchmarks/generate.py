@@ -12,15 +12,27 @@ Providers (every one greedy, on the same random Phi-3-shaped base with both plug
 - ``moelora_loop``: transformers ``generate()`` on the model with ``variant="moelora"`` (k experts
   computed one by one).
 
-CPU (default): hidden 512, 4 layers, Phi-3's vocabulary, fp32, the ``gen`` plugin (R=256, k=4; ``comp``
-R=64 resident), 256 new tokens, batch 1 and 8; tokens/s is new tokens x batch / CPU seconds of the
-process (``--threads 1`` by default: on a shared machine wall-clock mostly measures the other jobs),
-the best of ``--repeats`` interleaved rounds. ``--gpu``: M3 shapes (Phi-3-mini, bf16, random weights),
-1024 image codes + ``<end_index>`` per image (``hlora_static`` constrained to the code range; the
-baselines decode 1025 unconstrained tokens: the same work per step), batch 1 and 8, seconds per image
-and the fraction of the bandwidth bound (every weight byte read once per step).
+CPU (default): a Phi-3-shaped model at hidden 512 (intermediate 1368, 4 layers, 8 heads), fp32, 256
+new tokens, batch 1 and 8, routed to ``gen`` (``comp`` resident). Two shapes (``--shape``):
 
-    python benchmarks/generate.py [--threads 1] [--repeats 2] [--json out.json]
+- ``proportional`` (default): what a step of M3 reads, in the same proportions: M3's plugin ranks scaled
+  with the width (gen R=48, comp R=16, k=4: the adapter is ~12% of the base's bytes, as M3's R=256 is
+  at hidden 3072) and a 1024-token vocabulary (the head ~4% of the base, as Phi-3's is in M3).
+- ``phi3-vocab``: M3's ranks (gen R=256, comp R=64) and Phi-3's vocabulary at hidden 512: the head is
+  half of what a step reads and the adapter 2/3 of the base, which no HealthGPT decode resembles; kept
+  for comparison with the first measurements.
+
+Tokens/s is new tokens x batch / CPU seconds of the process (``--threads 1`` by default: on a shared
+machine wall-clock mostly measures the other jobs), the best of ``--repeats`` interleaved rounds. Also
+printed: the bytes a step reads (base, head, routed adapter) and, per provider, the aten ops a decode
+step runs and what one op costs here, which together say what a step's time is made of.
+
+``--gpu``: M3 shapes (Phi-3-mini, bf16, random weights), 1024 image codes + ``<end_index>`` per image
+(``hlora_static`` constrained to the code range; the baselines decode 1025 unconstrained tokens: the
+same work per step), batch 1 and 8, seconds per image and the fraction of the bandwidth bound (the
+bytes a step reads at least, once: base, code head, routed adapter).
+
+    python benchmarks/generate.py [--shape proportional|phi3-vocab] [--threads 1] [--repeats 2] [--json out.json]
     python benchmarks/generate.py --gpu [--bandwidth-gbs 4200] [--json out.json]
 """
 
@@ -34,6 +46,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import hlora
 from healthgpt.model.config import PHI3_MINI_4K
@@ -44,27 +57,37 @@ NUM_CODES = 8192  # VQGAN OpenImages f=8 codebook
 
 
 def plugins(comp_rank: int = 64, gen_rank: int = 256, experts: int = 4, scale: float = 8.0) -> dict:
+    """Both plugins (M3's ranks by default), ``alpha = scale * rank / experts``."""
     return {
         "comp": dict(rank=comp_rank, num_experts=experts, alpha=scale * comp_rank / experts),
         "gen": dict(rank=gen_rank, num_experts=experts, alpha=scale * gen_rank / experts),
     }
 
 
-def cpu_config() -> dict:
-    """Phi-3-mini's proportions (intermediate / hidden = 8/3, head dim 64 here) at hidden 512, 4 layers,
-    Phi-3's vocabulary plus the generation tokens."""
+# --shape -> (text vocabulary, image codes, plugins); the layers are Phi-3-mini's proportions at hidden 512
+CPU_SHAPES = {
+    "proportional": (768, 253, dict(comp_rank=16, gen_rank=48)),
+    "phi3-vocab": (PHI3_MINI_4K["vocab_size"], NUM_CODES, dict(comp_rank=64, gen_rank=256)),
+}
+
+
+def cpu_config(shape: str = "proportional") -> dict:
+    """Phi-3-mini's proportions (intermediate / hidden = 8/3, head dim 64 here) at hidden 512, 4 layers;
+    the vocabulary (text + codes + 3 generation tokens) of ``CPU_SHAPES[shape]``."""
+    text, codes, _ = CPU_SHAPES[shape]
     return dict(PHI3_MINI_4K, hidden_size=512, intermediate_size=1368, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=PHI3_MINI_4K["vocab_size"] + NUM_CODES + 3, sliding_window=None)
+                num_key_value_heads=8, vocab_size=text + codes + 3, sliding_window=None, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
 
 
 def gpu_config() -> dict:
     return dict(PHI3_MINI_4K, vocab_size=PHI3_MINI_4K["vocab_size"] + NUM_CODES + 3)
 
 
-def vocab_for(config: dict) -> SimpleNamespace:
+def vocab_for(config: dict, num_codes: int = NUM_CODES) -> SimpleNamespace:
     """Generation ids as ``GenerationVocab`` lays them out: start, the codes, end, newline (the last ids)."""
-    start = config["vocab_size"] - NUM_CODES - 3
-    return SimpleNamespace(start=start, code0=start + 1, num_codes=NUM_CODES, end=start + 1 + NUM_CODES)
+    start = config["vocab_size"] - num_codes - 3
+    return SimpleNamespace(start=start, code0=start + 1, num_codes=num_codes, end=start + 1 + num_codes)
 
 
 def _randomise_adapters(model: torch.nn.Module, seed: int) -> None:
@@ -76,7 +99,8 @@ def _randomise_adapters(model: torch.nn.Module, seed: int) -> None:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.device, p.dtype))
 
 
-def build(config: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+def build(config: dict, dtype: torch.dtype, device: str, plugin_ranks: dict, seed: int = 0,
+          variants=("hlora", "moelora")) -> dict:
     """The base, and per provider a model on it (each provider owns a copy: inject replaces modules)."""
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -85,13 +109,14 @@ def build(config: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     with torch.device(device):  # random init where the model runs (M3 on a CPU takes minutes)
         base = Phi3ForCausalLM._from_config(Phi3Config(**config), attn_implementation="sdpa", dtype=dtype).eval()
     models = {}
-    for variant in ("hlora", "moelora"):
-        m = hlora.inject(copy.deepcopy(base), hlora.HLoRAConfig(plugins=plugins(), target_modules="all-linear", variant=variant))
+    for variant in variants:
+        m = hlora.inject(copy.deepcopy(base), hlora.HLoRAConfig(plugins=plugins(**plugin_ranks), target_modules="all-linear",
+                                                                  variant=variant))
         _randomise_adapters(m, seed + 1)
         hlora.set_task(m, "gen")
         models[variant] = m.to(device).eval()
-    rank = plugins()["gen"]["rank"]
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=plugins()["gen"]["alpha"], target_modules="all-linear"))
+    gen = plugins(**plugin_ranks)["gen"]
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=gen["rank"], lora_alpha=gen["alpha"], target_modules="all-linear"))
     _randomise_adapters(peft, seed + 1)
     models["peft"] = peft.to(device).eval()
     return models
@@ -100,7 +125,7 @@ def build(config: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
 def prompts(batch: int, length: int, vocab_size: int, device: str, seed: int = 0):
     """Random prompt ids, left-padded to ``length`` with rows of different lengths."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 32000, (batch, length), generator=g)
+    ids = torch.randint(3, min(32000, vocab_size), (batch, length), generator=g)
     mask = torch.ones_like(ids)
     for b in range(batch):
         mask[b, : (b * 3) % (length // 2)] = 0
@@ -127,7 +152,7 @@ def run_provider(name: str, models: dict, ids, mask, new_tokens: int, image: boo
         n = new_tokens - 1 if image else 0
         out = fn(llm, embeds, mask, [image] * B, n, vocab, set(), 0, new_tokens)
     else:
-        model = {"hlora_generate": models["hlora"], "peft_lora": models["peft"], "moelora_loop": models["moelora"]}[name]
+        model = models[{"hlora_generate": "hlora", "peft_lora": "peft", "moelora_loop": "moelora"}[name]]
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
         out = gen[:, ids.shape[1]:].tolist()
@@ -142,9 +167,9 @@ def bench(models: dict, batches, new_tokens: int, prompt_len: int, repeats: int,
     for B in batches:
         ids, mask = prompts(B, prompt_len, vocab.start, device)
         best, outputs = {}, {}
-        if device == "cuda":  # compile the kernels for this batch size and tune them before timing
-            for name in providers:
-                run_provider(name, models, ids, mask, 8, image, vocab)
+        if device == "cuda":  # compile the kernels for this batch size and tune them before timing; the static
+            for name in providers:  # decoder is then kept with its captured graph, as a user's second image finds it
+                run_provider(name, models, ids, mask, new_tokens if name == "hlora_static" else 8, image, vocab)
         for _ in range(repeats):  # interleaved rounds: a load spike hits every provider alike
             for name in providers:
                 seconds, out = run_provider(name, models, ids, mask, new_tokens, image, vocab)
@@ -164,10 +189,60 @@ def bench(models: dict, batches, new_tokens: int, prompt_len: int, repeats: int,
     return rows
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads at least: every parameter once (embeddings: one row per token, ignored)."""
-    emb = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+def step_bytes(model: torch.nn.Module, vocab, image: bool, task: str = "gen") -> dict:
+    """The bytes one decode step of the H-LoRA ``model`` reads at least, each once, by part: ``base`` (the
+    decoder layers' frozen weights and norms), ``head`` (the rows scored: the codes for an image, else
+    all), ``adapter`` (the routed plugin's A, B and router; the other plugin is resident, unread).
+    The input embeddings (one row per token) are left out."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    parts = dict(base=0, head=(vocab.num_codes if image else head.shape[0]) * head.shape[1] * head.element_size(), adapter=0)
+    for name, p in model.named_parameters():
+        if p is emb or p is head:
+            continue
+        if ".plugins." in name:
+            parts["adapter"] += p.numel() * p.element_size() if f".plugins.{task}." in name else 0
+        else:
+            parts["base"] += p.numel() * p.element_size()
+    return parts
+
+
+def aten_calls_per_step(name: str, models: dict, ids, mask, vocab) -> float:
+    """aten operator calls (nested ones included: each passes the dispatcher) per decode step of
+    provider ``name``: the difference of two profiled runs (24 and 8 new tokens) / 16."""
+    counts = []
+    for n in (8, 24):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_provider(name, models, ids, mask, n, False, vocab)
+        counts.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+    return (counts[1] - counts[0]) / 16
+
+
+def us_per_aten_call(reps: int = 20000) -> float:
+    """What one small aten call (an add of two 1-element tensors) costs here, microseconds, best of 5."""
+    a = torch.ones(1)
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(reps):
+            torch.add(a, a)
+        best = min(best, (time.process_time() - start) / reps * 1e6)
+    return best
+
+
+def step_anatomy(rows: list, models: dict, vocab, prompt_len: int, new_tokens: int) -> list:
+    """Per provider at batch 1: ms per step, aten calls per step, and the share of the step that the
+    calls' fixed cost alone would take (calls x ``us_per_aten_call``)."""
+    ids, mask = prompts(1, prompt_len, vocab.start, "cpu")
+    per_call = us_per_aten_call()
+    out = []
+    for r in rows:
+        if r["batch"] != 1:
+            continue
+        calls = aten_calls_per_step(r["provider"], models, ids, mask, vocab)
+        ms = r["seconds"] / new_tokens * 1e3
+        out.append(dict(provider=r["provider"], ms_per_step=ms, aten_calls=calls, dispatch_ms=calls * per_call / 1e3,
+                        us_per_call=per_call))
+    return out
 
 
 def table(rows: list, baseline_names=("peft_lora", "moelora_loop"), image: bool = False) -> str:
@@ -190,6 +265,7 @@ def table(rows: list, baseline_names=("peft_lora", "moelora_loop"), image: bool 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="M3 shapes on CUDA, 1024 image codes per image")
+    parser.add_argument("--shape", choices=sorted(CPU_SHAPES), default="proportional", help="CPU model (module docstring)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None, help="CPU: 256; GPU: 1025 (1024 codes + end)")
@@ -203,12 +279,18 @@ def main(argv=None) -> None:
             raise SystemExit("--gpu needs a CUDA device")
         device, dtype, config, image = "cuda", torch.bfloat16, gpu_config(), True
         new_tokens, prompt_len = args.new_tokens or 1025, 64
+        vocab, ranks, variants = vocab_for(config), {}, ("hlora",)
     else:
         torch.set_num_threads(args.threads)
-        device, dtype, config, image = "cpu", torch.float32, cpu_config(), False
+        device, dtype, config, image = "cpu", torch.float32, cpu_config(args.shape), False
         new_tokens, prompt_len = args.new_tokens or 256, 32
-    vocab = vocab_for(config)
-    models = build(config, dtype, device)
+        _, codes, ranks = CPU_SHAPES[args.shape]
+        vocab, variants = vocab_for(config, codes), ("hlora", "moelora")
+    models = build(config, dtype, device, ranks, variants=variants)
+    parts = step_bytes(models["hlora"], vocab, image)
+    total = sum(parts.values())
+    print("a step reads at least " + ", ".join(f"{k} {v / 1e6:.1f} MB ({v / total:.0%})" for k, v in parts.items())
+          + f" = {total / 1e6:.1f} MB")
     if args.gpu:  # the eager reference and the MoE loop take minutes at 1025 tokens: a short equality check only
         bench(models, [2], 24, prompt_len, 1, image, vocab, device, providers=("hlora_static", "hlora_eager"))
         providers = ("hlora_static", "peft_lora")
@@ -218,13 +300,20 @@ def main(argv=None) -> None:
     print(table(rows, image=image))
     result = dict(device=torch.cuda.get_device_name() if args.gpu else platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=None if args.gpu else args.threads, new_tokens=new_tokens,
+                  shape=None if args.gpu else args.shape, step_bytes=parts,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)
+    if not args.gpu and 1 in args.batches:
+        result["anatomy"] = step_anatomy(rows, models, vocab, prompt_len, new_tokens)
+        print(f"batch 1, per step (one aten call costs {result['anatomy'][0]['us_per_call']:.1f} us here; "
+              f"the step reads {total / 1e6:.1f} MB):")
+        for a in result["anatomy"]:
+            print(f"  {a['provider']:15s} {a['ms_per_step']:6.2f} ms, {a['aten_calls']:5.0f} aten calls "
+                  f"= {a['dispatch_ms']:5.2f} ms of fixed call cost, {a['ms_per_step'] - a['dispatch_ms']:6.2f} ms the rest")
     if args.gpu:
-        step_bytes = weight_bytes(models["hlora"])
-        bound = step_bytes / (args.bandwidth_gbs * 1e9)
+        bound = total / (args.bandwidth_gbs * 1e9)
         for r in rows:
             r["fraction_of_bound"] = bound * new_tokens / r["seconds"]
-        print(f"bandwidth bound: {step_bytes / 1e9:.2f} GB per step / {args.bandwidth_gbs:.0f} GB/s = {bound * 1e3:.2f} ms/token, "
+        print(f"bandwidth bound: {total / 1e9:.2f} GB per step / {args.bandwidth_gbs:.0f} GB/s = {bound * 1e3:.2f} ms/token, "
               f"{bound * new_tokens:.2f} s per batch of images")
         for r in rows:
             print(f"batch {r['batch']} {r['provider']}: {r['s_per_image']:.2f} s/image, {r['fraction_of_bound']:.2f} of the bound")
