@@ -22,10 +22,16 @@ it is float32).
 
 Two strategies for the base product, both exact (``HLORA_STRATEGY=auto|fused|cublas``):
 ``fused`` runs y and dx as one extended-K Triton GEMM ([x, h] @ [W0, B]^T; [dy, dUL] @ [W0; A;
-router]); ``cublas`` runs the base through torch (F.linear / mm, or the base module's own forward)
-and accumulates the adapter into its output with the same GEMM kernel. ``auto`` times both on CUDA
+router]); ``cublas`` writes the adapter's product (+ bias) with the same GEMM kernel first and lets
+cuBLAS accumulate the base into it (``addmm_``, beta = 1: the output is read once more inside the
+compute-bound GEMM instead of in a pass of its own); a base module's own forward output gets the
+adapter added into a copy. ``auto`` times both on CUDA
 once per shape bucket (``tuning.py``); the interpreter uses ``fused``. ``kernels/README.md`` lists
 every launch of both plans.
+
+A mixed batch may instead run grouped by plugin (``grouped_forward`` / ``grouped_backward``,
+section 5): each plugin's launches on its own tensors and its own tokens, rows read and written
+through the routing's sort permutation.
 
 Launches go through ``_run``: tiles come from ``tuning.choose`` on CUDA (one choice per shape
 bucket, cached on disk), a fixed small tile under ``TRITON_INTERPRET=1``; ``record_launches()``
@@ -41,12 +47,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton import knobs
@@ -504,20 +508,26 @@ def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None):
 # 3. Rank-space gate: softmax over each plugin's experts, routing mask, scale, dropout
 # ----------------------------------------------------------------------------------------------
 # Grid: (token blocks, plugins). Program (i, q) owns plugin q's R_q rank columns and k_q logits for
-# its tokens, viewed as a [tokens, k_q experts, r_q ranks] block (column r_off + e * r_q + j), and
-# writes all of them: zeros for tokens routed elsewhere. meta[q] = (r_off, k_off, r_q, k_q) and
-# scale[q] = (s_q, dropout probability of plugin q).
+# its block of rows, viewed as a [rows, k_q experts, r_q ranks] block (column r_off + e * r_q + j),
+# and writes all of them: zeros for tokens routed elsewhere.
+# meta[q] = (r_off, logit column, r_q, k_q, first row, rows) and scale[q] = (s_q, dropout
+# probability of plugin q). Stacked plugins: every plugin spans all T rows (rows = INT32_MAX: up to
+# T, the buffers' row count), its logits at column
+# R + k_off, and the routing tensor says whose each token is. Grouped plugins: plugin q's rows are
+# its segment (first row s_q, n_q rows, all its own), its ranks at column 0 and logits at R_q.
+# Dropout draws from one Philox stream at offset row * R + column (R: the row width in ranks).
 
 
 @triton.jit
-def _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, R, q,
+def _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q,
                        HAS_ROUTING: tl.constexpr, K_PAD: tl.constexpr):
     """softmax of plugin q's logits for a block of tokens, 0 for tokens not routed to q: [BLOCK_T, K_PAD]."""
-    k_off = tl.load(meta_ptr + 4 * q + 1)
-    k_q = tl.load(meta_ptr + 4 * q + 3)
+    logit_col = tl.load(meta_ptr + 6 * q + 1)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
     offs_e = tl.arange(0, K_PAD)
     e_ok = offs_e < k_q
-    logits = tl.load(ul_ptr + rows[:, None] + (R + k_off + offs_e)[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+    logits = tl.load(ul_ptr + rows[:, None] + (logit_col + offs_e)[None, :], mask=t_ok[:, None] & e_ok[None, :],
+                     other=0.0)
     z = tl.where(e_ok[None, :], logits, float("-inf"))
     z = z - tl.max(z, axis=1)[:, None]
     z = tl.where(z < GATE_LOG_FLOOR, float("-inf"), z)
@@ -525,9 +535,17 @@ def _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, R, q,
     g = p / tl.sum(p, axis=1)[:, None]
     if HAS_ROUTING:
         routed = tl.load(tp_ptr + offs_t, mask=t_ok, other=-1) == q
-    else:
-        routed = (offs_t * 0 + q) == 0  # no routing tensor: every token uses plugin 0
-    return tl.where(routed[:, None], g, 0.0)
+        g = tl.where(routed[:, None], g, 0.0)
+    return g  # without a routing tensor, every row of plugin q's range is its own
+
+
+@triton.jit
+def _plugin_rows(meta_ptr, q, T, BLOCK_T: tl.constexpr):
+    """This program's rows of plugin q (of the T rows of the buffers): (row indices, in-range mask)."""
+    first = tl.load(meta_ptr + 6 * q + 4)
+    n_rows = tl.load(meta_ptr + 6 * q + 5)
+    offs_i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return first + offs_i, (offs_i < n_rows) & (first + offs_i < T)
 
 
 @triton.jit
@@ -545,15 +563,14 @@ def _gate_fwd_kernel(
     BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
 ):
     q = tl.program_id(1)
-    r_off = tl.load(meta_ptr + 4 * q)
-    r_q = tl.load(meta_ptr + 4 * q + 2)
-    k_q = tl.load(meta_ptr + 4 * q + 3)
+    r_off = tl.load(meta_ptr + 6 * q)
+    r_q = tl.load(meta_ptr + 6 * q + 2)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
     s_q = tl.load(scale_ptr + 2 * q)
     p_drop = tl.load(scale_ptr + 2 * q + 1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
+    offs_t, t_ok = _plugin_rows(meta_ptr, q, T, BLOCK_T)
     rows = offs_t.to(tl.int64) * stride_ul
-    g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, R, q, HAS_ROUTING, K_PAD)
+    g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q, HAS_ROUTING, K_PAD)
     g3 = (g * s_q)[:, :, None]
 
     offs_e = tl.arange(0, K_PAD)
@@ -579,17 +596,16 @@ def _gate_bwd_kernel(
     # h = s * u * m * g[e] (m: dropout factor), so du = dh * s * m * g[e],
     # dg[e] = sum_j dh * s * u * m, and dlogits = g * (dg - sum_e g * dg) (softmax backward).
     q = tl.program_id(1)
-    r_off = tl.load(meta_ptr + 4 * q)
-    k_off = tl.load(meta_ptr + 4 * q + 1)
-    r_q = tl.load(meta_ptr + 4 * q + 2)
-    k_q = tl.load(meta_ptr + 4 * q + 3)
+    r_off = tl.load(meta_ptr + 6 * q)
+    logit_col = tl.load(meta_ptr + 6 * q + 1)
+    r_q = tl.load(meta_ptr + 6 * q + 2)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
     s_q = tl.load(scale_ptr + 2 * q)
     p_drop = tl.load(scale_ptr + 2 * q + 1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
+    offs_t, t_ok = _plugin_rows(meta_ptr, q, T, BLOCK_T)
     t64 = offs_t.to(tl.int64)
     rows = t64 * stride_ul
-    g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, R, q, HAS_ROUTING, K_PAD)
+    g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q, HAS_ROUTING, K_PAD)
     g3 = g[:, :, None]
 
     offs_e = tl.arange(0, K_PAD)
@@ -609,21 +625,31 @@ def _gate_bwd_kernel(
         dg += tl.sum(dsm * u, axis=2)
 
     dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
-    dl_ptrs = dul_ptr + t64[:, None] * stride_dul + (R + k_off + offs_e)[None, :]
+    dl_ptrs = dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :]
     tl.store(dl_ptrs, dlogits.to(dul_ptr.dtype.element_ty), mask=t_ok[:, None] & (offs_e < k_q)[None, :])
 
 
 _META_CACHE: dict = {}
 
 
-def _plugin_meta(ranks, experts, scales, dropouts, device):
-    """Per plugin (r_off, k_off, r_q, k_q) as int32 [P, 4] and (scale, dropout) as float32 [P, 2],
-    cached per device (no host-to-device copy after the first call)."""
-    key = (ranks, experts, scales, dropouts, device)
+_META_CACHE_SIZE = 256  # grouped tables depend on the batch's counts: the least recently built go first
+
+
+def _plugin_meta(ranks, experts, scales, dropouts, device, counts=None):
+    """The gate kernels' per-plugin table (section comment) as int32 [P, 6] and (scale, dropout) as
+    float32 [P, 2], cached per device (no host-to-device copy after the first call). ``counts``:
+    grouped plugins, each plugin's rows; None: stacked."""
+    key = (ranks, experts, scales, dropouts, device, counts)
     if key not in _META_CACHE:
-        rows, r_off, k_off = [], 0, 0
-        for R_p, k_p in zip(ranks, experts):
-            rows.append((r_off, k_off, R_p // k_p, k_p))
+        if len(_META_CACHE) >= _META_CACHE_SIZE:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        rows, r_off, k_off, first, R = [], 0, 0, 0, sum(ranks)
+        for p, (R_p, k_p) in enumerate(zip(ranks, experts)):
+            if counts is None:  # stacked
+                rows.append((r_off, R + k_off, R_p // k_p, k_p, 0, 2**31 - 1))
+            else:
+                rows.append((0, R_p, R_p // k_p, k_p, first, counts[p]))
+                first += counts[p]
             r_off, k_off = r_off + R_p, k_off + k_p
         meta = torch.tensor(rows, dtype=torch.int32, device=device)
         scale = torch.tensor(list(zip(scales, dropouts)), dtype=torch.float32, device=device)
@@ -645,14 +671,16 @@ def _gate_tile(ranks, experts):
     return dict(BLOCK_T=block_t, K_PAD=k_pad, R_CHUNK=r_chunk, num_warps=4, num_stages=1)
 
 
-def _gate(role, kernel, args, T, ranks, experts, dropouts, seed, token_plugin, meta, scale):
+def _gate(role, kernel, args, T, rows, R, ranks, experts, dropouts, seed, token_plugin, meta, scale):
+    """One launch over every plugin; ``T``: the buffers' rows, ``rows``: the most rows a plugin has
+    (T when stacked), ``R``: the dropout stream's row width."""
     tile = _gate_tile(ranks, experts)
     args = dict(args, tp_ptr=token_plugin if token_plugin is not None else meta, meta_ptr=meta, scale_ptr=scale,
-                T=T, R=sum(ranks), seed=seed)
+                R=R, seed=seed, T=T)
     ordered = {name: args[name] for name in kernel.arg_names if name in args}
 
     def grid(m):
-        return (triton.cdiv(T, m["BLOCK_T"]), len(ranks))
+        return (triton.cdiv(rows, m["BLOCK_T"]), len(ranks))
 
     consts = dict(HAS_ROUTING=token_plugin is not None, HAS_DROPOUT=max(dropouts) > 0)
     _run(Launch(role, kernel, grid, ordered, consts, [tile], ()))
@@ -698,7 +726,7 @@ def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, ex
     if T > 0:
         meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
         _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
-              T, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+              T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
     hr = h[:, :R]
     N = B.shape[0]
 
@@ -709,9 +737,10 @@ def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, ex
         elif how == "fused":
             y = _empty((T, N), dt, dev)
             gemm("y_fused", y, x, weight, a2=hr, b2=B, bias=bias, tokens=T, dot_dtype=dt)
-        else:
-            y = F.linear(x, weight, bias)
-            gemm("y_adapter", y, hr, B, cin=y, tokens=T, dot_dtype=dt)
+        else:  # the adapter's product (+ bias) first, then cuBLAS accumulates the base into it (beta = 1)
+            y = _empty((T, N), dt, dev)
+            gemm("y_adapter", y, hr, B, bias=bias, tokens=T, dot_dtype=dt)
+            y.addmm_(x, weight.t())
         return y
 
     how = "cublas" if y_base is not None else _choose_strategy(
@@ -738,7 +767,7 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
         _gate("gate_bwd", _gate_bwd_kernel,
               dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
                    stride_dul=dul.stride(0)),
-              T, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+              T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
     du, dl = dul[:, :R], dul[:, R : R + K]
 
     def dx_product(how):
@@ -748,8 +777,8 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
         elif how == "fused":
             gemm("dx_fused", dx, dy, weight.t(), a2=du, b2=A.t(), a3=dl, b3=router.t(), tokens=T, dot_dtype=dt)
         else:
-            torch.mm(dy, weight, out=dx)
-            gemm("dx_adapter", dx, du, A.t(), a2=dl, b2=router.t(), cin=dx, tokens=T, dot_dtype=dt)
+            gemm("dx_adapter", dx, du, A.t(), a2=dl, b2=router.t(), tokens=T, dot_dtype=dt)
+            dx.addmm_(dy, weight)  # cuBLAS with beta = 1: no separate pass over dx
         return dx
 
     dx = None
@@ -788,12 +817,6 @@ def _segments(counts):
     return out
 
 
-def _segment_seed(seed: int, p: int) -> int:
-    """Each plugin's segment draws its dropout from its own Philox stream (row i of two segments
-    must not share a mask)."""
-    return (seed + 1_000_003 * p) % 2**31
-
-
 def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ranks, experts, scales, dropouts, seed):
     """``hlora_forward`` for a mixed batch grouped by plugin (section comment above): x [T, D] ->
     (y [T, N] in x.dtype, UL [T_r, R_w + K_w] float32, h [T_r, R_w] x.dtype), T_r = sum(counts),
@@ -816,36 +839,58 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
         idx = order[s : s + n]
         gemm("ul", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
              n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
-        meta, scale = _plugin_meta((R_p,), (k_p,), (scales[p],), (dropouts[p],), dev)
-        _gate("gate_fwd", _gate_fwd_kernel,
-              dict(ul_ptr=ul[s:], h_ptr=h[s:], stride_ul=ul.stride(0), stride_h=h.stride(0)),
-              n, (R_p,), (k_p,), (dropouts[p],), _segment_seed(seed, p), None, meta, scale)
+    if Tr:  # one gate launch over every plugin's segment
+        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
+        _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
+              Tr, max(counts), r_width, ranks, experts, dropouts, seed, None, meta, scale)
     N = Bs[0].shape[0]
     rest = order[Tr:]  # the unrouted tokens: the base alone
 
     def y_product(how):
-        if y_base is not None:
-            y = y_base.clone()
+        if y_base is not None:  # the caller's base output: y = y_base (+ the adapter on routed rows)
+            y = y_base.clone() if rest.shape[0] else _empty((T, N), dt, dev)
+            for p, s, n in segs:
+                gemm("y_adapter", y, h[s : s + n, : ranks[p]], Bs[p], cin=y if rest.shape[0] else y_base, tokens=n,
+                     dot_dtype=dt, idx=order[s : s + n], idx_on=("c",))
         elif how == "fused":
             y = _empty((T, N), dt, dev)
             if rest.shape[0]:
                 gemm("y_fused", y, x, weight, bias=bias, tokens=rest.shape[0], dot_dtype=dt, idx=rest,
                      idx_on=("a1", "c"))
-        else:
-            y = F.linear(x, weight, bias)
-        for p, s, n in segs:
-            idx, hp = order[s : s + n], h[s : s + n, : ranks[p]]
-            if how == "fused" and y_base is None:
-                gemm("y_fused", y, x, weight, a2=hp, b2=Bs[p], bias=bias, tokens=n, dot_dtype=dt, idx=idx,
-                     idx_on=("a1", "c"))
-            else:
-                gemm("y_adapter", y, hp, Bs[p], cin=y, tokens=n, dot_dtype=dt, idx=idx, idx_on=("c",))
+            for p, s, n in segs:
+                gemm("y_fused", y, x, weight, a2=h[s : s + n, : ranks[p]], b2=Bs[p], bias=bias, tokens=n, dot_dtype=dt,
+                     idx=order[s : s + n], idx_on=("a1", "c"))
+        else:  # each plugin's product (+ bias) on its rows, then cuBLAS accumulates the base (beta = 1)
+            y = _empty((T, N), dt, dev)
+            if rest.shape[0] and bias is not None:  # the unrouted rows start from the bias, or zero
+                y.copy_(bias.expand(T, N))
+            elif rest.shape[0]:
+                y.zero_()
+            for p, s, n in segs:
+                gemm("y_adapter", y, h[s : s + n, : ranks[p]], Bs[p], bias=bias, tokens=n, dot_dtype=dt,
+                     idx=order[s : s + n], idx_on=("c",))
+            y.addmm_(x, weight.t())
         return y
 
     how = "cublas" if y_base is not None else _choose_strategy(
         "y", dev, (tuning.token_bucket(T), N, x.shape[1], "grouped", *ranks, str(dt), bias is not None),
         y_product)
     return y_product(how), ul[:, :width], h[:, :r_width]
+
+
+def _grad_accumulators(a_shapes, b_shapes, r_shapes, params, device):
+    """Zeroed float32 accumulators for every plugin's dA, dB, drouter. One buffer (one zero fill)
+    when every parameter is cast afterwards (not float32); otherwise one each, since the op's
+    outputs may not alias each other."""
+    shapes = [*a_shapes, *b_shapes, *r_shapes]
+    if all(t.dtype != torch.float32 for t in params):
+        sizes = [a * b for a, b in shapes]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        grads = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    else:
+        grads = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
+    P = len(a_shapes)
+    return grads[:P], grads[P : 2 * P], grads[2 * P :]
 
 
 def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks, experts, scales, dropouts, seed,
@@ -862,38 +907,40 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
     dh = _empty((Tr, padded(max(ranks))), torch.float32, dev)
     dul = _empty((Tr, padded(max(r + k for r, k in zip(ranks, experts)))), dt, dev)
     dAs = dBs = drouters = None
-    if need_dw:  # float32 accumulators, one per gradient (the op's outputs may not alias each other)
-        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=dev)
-        dAs, dBs, drouters = [zeros(r, D) for r in ranks], [zeros(N, r) for r in ranks], [zeros(k, D) for k in experts]
+    if need_dw:
+        dAs, dBs, drouters = _grad_accumulators([(r, D) for r in ranks], [(N, r) for r in ranks],
+                                                [(k, D) for k in experts], [*As, *Bs, *routers], dev)
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
         dh_db(dy, Bs[p], h[s : s + n, :R_p], dh[s : s + n, :R_p], dBs[p] if need_dw else None, dot_dtype=dt,
               idx=order[s : s + n])
-        meta, scale = _plugin_meta((R_p,), (k_p,), (scales[p],), (dropouts[p],), dev)
+    if Tr:
+        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
         _gate("gate_bwd", _gate_bwd_kernel,
-              dict(ul_ptr=ul[s:], dh_ptr=dh[s:], dul_ptr=dul[s:], stride_ul=ul.stride(0), stride_dh=dh.stride(0),
+              dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
                    stride_dul=dul.stride(0)),
-              n, (R_p,), (k_p,), (dropouts[p],), _segment_seed(seed, p), None, meta, scale)
+              Tr, max(counts), max(ranks), ranks, experts, dropouts, seed, None, meta, scale)
     rest = order[Tr:]
 
     def dx_product(how):
-        if weight is None:  # the adapter's part: unrouted tokens get none
-            dx = torch.zeros((T, D), dtype=dt, device=dev) if rest.shape[0] else _empty((T, D), dt, dev)
-        elif how == "fused":
+        fused = how == "fused" and weight is not None
+        if fused:
             dx = _empty((T, D), dt, dev)
             if rest.shape[0]:
                 gemm("dx_fused", dx, dy, weight.t(), tokens=rest.shape[0], dot_dtype=dt, idx=rest, idx_on=("a1", "c"))
-        else:
-            dx = torch.mm(dy, weight)
+        else:  # the adapter's part first: unrouted rows get none
+            dx = torch.zeros((T, D), dtype=dt, device=dev) if rest.shape[0] else _empty((T, D), dt, dev)
         for p, s, n in segs:
             R_p, k_p = ranks[p], experts[p]
             idx, du, dl = order[s : s + n], dul[s : s + n, :R_p], dul[s : s + n, R_p : R_p + k_p]
-            if how == "fused" and weight is not None:
+            if fused:
                 gemm("dx_fused", dx, dy, weight.t(), a2=du, b2=As[p].t(), a3=dl, b3=routers[p].t(), tokens=n,
                      dot_dtype=dt, idx=idx, idx_on=("a1", "c"))
             else:
-                gemm("dx_adapter", dx, du, As[p].t(), a2=dl, b2=routers[p].t(), cin=dx if weight is not None else None,
-                     tokens=n, dot_dtype=dt, idx=idx, idx_on=("c",))
+                gemm("dx_adapter", dx, du, As[p].t(), a2=dl, b2=routers[p].t(), tokens=n, dot_dtype=dt, idx=idx,
+                     idx_on=("c",))
+        if weight is not None and not fused:
+            dx.addmm_(dy, weight)  # cuBLAS with beta = 1
         return dx
 
     dx = None

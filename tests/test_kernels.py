@@ -526,11 +526,12 @@ def run_grouped(case, ranks, experts, scales, tp, dropout=0.0, training=False):
 
 
 GROUPED_CASES = {
-    # name: (T, D, N, ranks, experts, scales, routing)
-    "mixed-with-unrouted": (37, 19, 23, (8, 12), (2, 3), (2.0, 0.5), "random"),
-    "plugin-without-tokens": (11, 21, 17, (4, 12, 6), (1, 3, 2), (1.0, 0.5, 3.0), [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0]),
-    "one-token": (1, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [1]),
-    "all-unrouted": (5, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [-1] * 5),
+    # name: (T, D, N, ranks, experts, scales, routing, adapter weights in x's dtype (else float32))
+    "mixed-with-unrouted": (37, 19, 23, (8, 12), (2, 3), (2.0, 0.5), "random", False),
+    "plugin-without-tokens": (11, 21, 17, (4, 12, 6), (1, 3, 2), (1.0, 0.5, 3.0), [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0],
+                              True),
+    "one-token": (1, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [1], False),
+    "all-unrouted": (5, 19, 23, (8, 12), (2, 3), (2.0, 0.5), [-1] * 5, True),
 }
 
 
@@ -543,8 +544,8 @@ def _routing(T, P, routing, seed=2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name", list(GROUPED_CASES))
 def test_grouped_plugins_match_float64(name, dtype):
-    T, D, N, ranks, experts, scales, routing = GROUPED_CASES[name]
-    case = make_case(T, D, N, ranks, experts, dtype)
+    T, D, N, ranks, experts, scales, routing, same_dtype = GROUPED_CASES[name]
+    case = make_case(T, D, N, ranks, experts, dtype, param_dtype=dtype if same_dtype else torch.float32)
     tp = _routing(T, len(ranks), routing)
     y, w, grads = run_grouped(case, ranks, experts, scales, tp)
     y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
@@ -634,7 +635,10 @@ def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens():
     assert [(l.args["M"], l.args["N"]) for l in by_role["ul"]] == [(5, 10), (3, 8)]
     assert [l.args["b1_ptr"] for l in by_role["ul"]] == [As[0], As[2]]
     assert [l.args["b1x_ptr"] for l in by_role["ul"]] == [routers[0], routers[2]]
-    assert [(l.args["T"], l.args["R"]) for l in by_role["gate_fwd"] + by_role["gate_bwd"]] == [(5, 8), (3, 4)] * 2
+    # one gate launch over all plugins' segments (8 routed rows), the largest segment's row blocks
+    for role, r_width in (("gate_fwd", 12), ("gate_bwd", 12)):
+        (gate,) = by_role[role]
+        assert (gate.args["T"], gate.args["R"], gate.grid({"BLOCK_T": 2})) == (8, r_width, (3, 3))
     # y and dx: the unrouted tokens' base product, then each plugin's tokens with its rank columns
     for role, k_of in (("y_fused", "K2"), ("dx_fused", "K3")):
         assert [(l.args["M"], l.args[k_of]) for l in by_role[role]] == [(2, 0), (5, {"K2": 8, "K3": 2}[k_of]),
