@@ -190,8 +190,13 @@ def test_private_trainer_api_used_is_still_there(tiny_model, tmp_path):
     # the only private Trainer methods HealthGPTTrainer overrides (itself or through HLoRATrainerMixin), with the signatures it assumes
     own = HealthGPTTrainer.__mro__[:HealthGPTTrainer.__mro__.index(Trainer)]
     overridden = sorted({n for c in own for n in vars(c) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)})
-    assert overridden == ["_load_best_model", "_load_from_checkpoint"]
+    assert overridden == ["_defer_fsdp_gradient_reduction", "_load_best_model", "_load_from_checkpoint",
+                          "_load_optimizer_and_scheduler"]
     assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
+    # a sharded run's (tests/test_train_fsdp.py runs them): the ones overridden and the one called
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    assert list(inspect.signature(Trainer._defer_fsdp_gradient_reduction).parameters) == ["self"]
+    assert list(inspect.signature(Trainer._save_rng_state).parameters) == ["self", "output_dir"]
     assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
     # the label-shift flag HealthGPTTrainer sets is the one this Trainer computes (True for a causal LM)
     assert _plain_trainer(tiny_model, tmp_path / "c", [])._loss_shifts_labels is True

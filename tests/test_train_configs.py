@@ -1,8 +1,10 @@
 """Every shipped distributed-training config loads in the library that reads it (a typo fails here),
 and engine options that cannot run as asked stop with a clear error."""
 
+import argparse
 import json
 import os
+import re
 
 import pytest
 from transformers import TrainingArguments
@@ -14,21 +16,27 @@ SHIPPED = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith((".json", ".ya
 
 
 def test_every_config_is_covered():
-    assert SHIPPED == ["accelerate_fsdp.yaml", "fsdp.json", "zero2.json", "zero3.json"]
+    assert SHIPPED == ["accelerate_multinode.yaml", "fsdp.json", "zero2.json", "zero3.json"]
 
 
-def test_fsdp_config_is_what_the_trainer_and_our_engine_use(tmp_path):
+def test_fsdp_config_is_what_the_engine_uses(tmp_path):
     path = os.path.join(CONFIGS_DIR, "fsdp.json")
     cfg = distributed.load_fsdp_config(path)
-    assert tuple(cfg["transformer_layer_cls_to_wrap"]) == fsdp.SHARD_UNITS  # the same units on CPU and GPU
+    options = distributed.fsdp_engine_options(cfg)
+    assert options == {"units": fsdp.SHARD_UNITS, "reshard_after_forward": True}  # one unit per Phi-3 / CLIP layer
+    # the same file still reads as a transformers fsdp_config (the keys are the Trainer's names)
     args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=path, use_cpu=True, report_to="none")
-    assert args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == ",".join(fsdp.SHARD_UNITS)
-    assert args.fsdp_plugin_args["reshard_after_forward"] is True
+    assert distributed.fsdp_engine_options({**cfg, "reshard_after_forward": False})["reshard_after_forward"] is False
     bad = tmp_path / "typo.json"
     bad.write_text(json.dumps({**cfg, "reshard_after_foward": True}))
     with pytest.raises(EngineError, match="reshard_after_foward"):
         distributed.load_fsdp_config(str(bad))
+    # what the engine does not implement is refused, not ignored
+    for key, value in [("cpu_offload", True), ("activation_checkpointing", True), ("state_dict_type", "FULL_STATE_DICT"),
+                       ("auto_wrap_policy", "SIZE_BASED_WRAP"), ("min_num_params", 10**6), ("cpu_ram_efficient_loading", True)]:
+        with pytest.raises(EngineError, match=key):
+            distributed.fsdp_engine_options({**cfg, key: value})
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -52,17 +60,41 @@ def test_deepspeed_configs(stage, tmp_path):
             distributed.load_deepspeed_config(str(bad))
 
 
-def test_accelerate_config_loads_and_names_only_known_launch_options():
+def test_accelerate_config_loads_and_leaves_sharding_to_healthgpt_train():
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser
 
-    path = os.path.join(CONFIGS_DIR, "accelerate_fsdp.yaml")
+    path = os.path.join(CONFIGS_DIR, "accelerate_multinode.yaml")
     cfg = ClusterConfig.from_yaml_file(path)  # unknown top-level keys raise
-    assert cfg.num_machines == 2 and cfg.num_processes == 16 and cfg.distributed_type == "FSDP"
+    assert cfg.num_machines == 2 and cfg.num_processes == 16 and cfg.machine_rank == 0
+    # accelerate only starts the processes: --fsdp / --deepspeed shard, --bf16 sets the precision
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.mixed_precision == "no" and not cfg.fsdp_config
     options = {o for action in launch_command_parser()._actions for o in action.option_strings}
-    assert all(f"--{key}" in options for key in cfg.fsdp_config), sorted(cfg.fsdp_config)
-    assert str(cfg.fsdp_config["fsdp_version"]) == "2"
-    assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == ",".join(fsdp.SHARD_UNITS)
+    assert {"--machine_rank", "--main_process_ip", "--config_file"} <= options  # the recipe's flags
+
+
+def test_readme_recipes_name_shipped_configs_and_real_options():
+    """The launch lines of configs/README.md: every config they name is shipped, every healthgpt
+    train option they pass exists, and every torchrun option is torchrun's."""
+    from torch.distributed.run import get_args_parser
+
+    from healthgpt.cli.train import register
+
+    text = open(os.path.join(CONFIGS_DIR, "README.md")).read()
+    named = set(re.findall(r"configs/([\w.]+\.(?:json|yaml))", text))
+    assert named and named <= set(SHIPPED), named - set(SHIPPED)
+    train_options = {o for a in register(argparse.ArgumentParser().add_subparsers())._actions for o in a.option_strings}
+    torchrun_options = {o for a in get_args_parser()._actions for o in a.option_strings}
+    commands = re.findall(r"^    (torchrun|accelerate launch) (.*?)(?=\n\n|\Z)", text, flags=re.S | re.M)
+    assert {c for c, _ in commands} == {"torchrun", "accelerate launch"} and len(commands) >= 3
+    for launcher, line in commands:
+        launch, _, train = line.replace("\\\n", " ").partition("-m healthgpt.training")
+        assert train, line
+        flags = [w.split("=")[0] for w in train.split() if w.startswith("--")]
+        assert set(flags) <= train_options, set(flags) - train_options
+        if launcher == "torchrun":
+            launch_flags = [w.split("=")[0] for w in launch.split() if w.startswith("--")]
+            assert set(launch_flags) <= torchrun_options, set(launch_flags) - torchrun_options
 
 
 def test_engine_combinations_that_cannot_run_stop():
@@ -72,8 +104,12 @@ def test_engine_combinations_that_cannot_run_stop():
     with pytest.raises(EngineError, match="CPU processes") as e:
         check_engine(fsdp=False, deepspeed=zero2, use_cpu=True)
     assert "gloo" in str(e.value)
-    with pytest.raises(EngineError, match="unsharded"):
-        check_engine(fsdp=True, deepspeed=None, use_cpu=True)
+    with pytest.raises(EngineError, match="--bf16"):
+        check_engine(fsdp=True, deepspeed=None, use_cpu=False, fp16=True)
+    for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch with a sharding config: accelerate would shard (or not)
+        with pytest.raises(EngineError, match="accelerate_multinode.yaml"):
+            check_engine(fsdp=False, deepspeed=None, use_cpu=True, environ={f"ACCELERATE_USE_{engine}": "true"})
+    check_engine(fsdp=True, deepspeed=None, use_cpu=True, environ={"ACCELERATE_USE_FSDP": "false"})  # CPUs: the engine
     with pytest.raises(EngineError, match="no such file"):
         check_engine(fsdp=False, deepspeed="/nonexistent/zero9.json", use_cpu=False)
     check_engine(fsdp=True, deepspeed=None, use_cpu=False)  # GPUs: the Trainer's FSDP2
@@ -81,7 +117,10 @@ def test_engine_combinations_that_cannot_run_stop():
     check_engine(fsdp=False, deepspeed=None, use_cpu=True)  # CPUs: DDP
 
 
-@pytest.mark.parametrize("flags, message", [(["--fsdp"], "unsharded"),
+@pytest.mark.parametrize("flags, message", [(["--fsdp"], "torchrun"),  # one process: nothing to shard over
+                                            (["--fsdp", "--fp16"], "--bf16"),
+                                            (["--fsdp", "--fsdp-config", os.path.join(CONFIGS_DIR, "zero2.json")],
+                                             "unknown keys"),
                                             (["--deepspeed", os.path.join(CONFIGS_DIR, "zero3.json")], "CPU processes")])
 def test_healthgpt_train_refuses_what_would_run_as_something_else(flags, message, tmp_path, capsys):
     from healthgpt.cli.train import main

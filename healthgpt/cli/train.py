@@ -15,9 +15,10 @@ and the Trainer's ``checkpoint-N`` folders; it is the next stage's ``--init``. S
 ``--init`` builds the model (``tiny``: random weights, no files; ``m3``/``l14``: random unless
 ``--llm-path``/``--vision-path``/``--image-tokenizer-path`` point at local checkpoints).
 
-Scale-out is the Trainer's: ``torchrun --nproc_per_node 8 -m healthgpt.training ...`` (or
-``accelerate launch``), ``--deepspeed healthgpt/training/configs/zero2.json`` (or ``zero3.json``),
-``--fsdp`` (``--fsdp-config``, default ``healthgpt/training/configs/fsdp.json``), ``--bf16``,
+Scale-out: ``torchrun --nproc_per_node 8 -m healthgpt.training ...`` (or ``accelerate launch``;
+several nodes: healthgpt/training/configs/README.md), ``--fsdp`` (FSDP2, one unit per Phi-3 / CLIP
+layer, on GPUs and on CPU processes; ``--fsdp-config``, default ``healthgpt/training/configs/fsdp.json``),
+``--deepspeed healthgpt/training/configs/zero2.json`` (or ``zero3.json``; GPUs only), ``--bf16``,
 ``--gradient-checkpointing``. ``--global-batch-size`` is kept whatever the number of processes:
 gradient accumulation = global / (per-device batch x processes).
 

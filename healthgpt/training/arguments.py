@@ -79,7 +79,8 @@ class TrainArguments:
     fp16: bool = field(default=False, metadata=_help("fp16 mixed precision"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward pass"))
     deepspeed: str | None = field(default=None, metadata=_help("DeepSpeed config JSON (configs/zero2.json, configs/zero3.json)"))
-    fsdp: bool = field(default=False, metadata=_help("PyTorch FSDP (configure it with --fsdp-config)"))
+    fsdp: bool = field(default=False, metadata=_help(
+        "shard the model with PyTorch FSDP2 over the launched processes (GPUs or CPUs; healthgpt.training.fsdp)"))
     fsdp_config: str | None = field(default=None, metadata=_help("FSDP config JSON (default with --fsdp: configs/fsdp.json)"))
     save_steps: int = field(default=500, metadata=_help("checkpoint every N optimizer steps"))
     save_total_limit: int | None = field(default=None, metadata=_help("keep only the newest N checkpoints"))

@@ -12,10 +12,12 @@ Nothing trains as something else: an engine option that cannot run as asked stop
   building the model under ``zero.Init`` with ``AssertionError: Check batch related parameters.
   train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1``.
   On GPUs ``--deepspeed`` goes to the Trainer's DeepSpeed integration unchanged (not run in CI).
-- **FSDP on CPU processes through the Trainer** is refused: accelerate 1.15 keeps DDP for CPU
-  processes whatever the FSDP plugin says (its ``MULTI_CPU`` path), so ``--fsdp`` there would train
-  unsharded. FSDP2 itself runs on CPU processes with gloo (``healthgpt.training.fsdp``, proven by
-  tests/test_train_fsdp.py); on GPUs ``--fsdp`` is the Trainer's FSDP2 with ``configs/fsdp.json``.
+- **FSDP** (``--fsdp``) is our FSDP2 engine (``healthgpt.training.fsdp``) on every device: the model
+  is sharded before the Trainer sees it (accelerate 1.15 keeps DDP for CPU processes whatever its
+  FSDP plugin says, so the Trainer's own FSDP would train unsharded there), with the options of
+  ``configs/fsdp.json`` that the engine implements (``fsdp_engine_options``); an option it does not
+  implement (CPU offload, FSDP's own activation checkpointing, full state dicts, size-based wrapping)
+  or ``--fp16`` (no sharded gradient scaler) stops the run.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["EngineError", "check_engine", "load_deepspeed_config", "load_fsdp_config", "CONFIGS_DIR",
-           "DEEPSPEED_ON_CPU", "FSDP_ON_CPU"]
+__all__ = ["EngineError", "check_engine", "load_deepspeed_config", "load_fsdp_config", "fsdp_engine_options",
+           "CONFIGS_DIR", "DEEPSPEED_ON_CPU"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -33,11 +35,6 @@ DEEPSPEED_ON_CPU = (
     "aborts HealthGPT's ZeRO-2 run with a gloo collective size mismatch after the first checkpoint and fails "
     "ZeRO-3's zero.Init while the model is built (healthgpt/training/distributed.py has the errors). "
     "Use --fsdp on GPUs, or DeepSpeed on GPUs")
-FSDP_ON_CPU = (
-    "--fsdp does not shard CPU processes through the Trainer: accelerate keeps DDP for CPU processes, so this "
-    "run would train unsharded. Run --fsdp on GPUs (NCCL), or drop --fsdp to train with DDP on CPUs; "
-    "healthgpt.training.fsdp shards a model on CPU processes (gloo) for your own training loop")
-
 # The keys transformers' TrainingArguments documents for ``fsdp_config`` (FSDP2).
 FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing", "cpu_ram_efficient_loading",
              "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params"}
@@ -54,14 +51,23 @@ class EngineError(ValueError):
     """An engine option that cannot run as asked; the message says why and what to use."""
 
 
-def check_engine(*, fsdp: bool, deepspeed: str | None, use_cpu: bool) -> None:
-    """Raise ``EngineError`` for a combination that would not run as asked (module docstring)."""
+def check_engine(*, fsdp: bool, deepspeed: str | None, use_cpu: bool, fp16: bool = False, environ=None) -> None:
+    """Raise ``EngineError`` for a combination that would not run as asked (module docstring).
+    ``environ`` (default ``os.environ``): an ``accelerate launch`` with an FSDP or DeepSpeed config
+    would hand the sharding to accelerate (which keeps DDP on CPU processes): refused, the engine
+    options of ``healthgpt train`` choose it."""
+    environ = os.environ if environ is None else environ
+    for engine, flag in (("FSDP", "--fsdp"), ("DEEPSPEED", "--deepspeed configs/zero2.json or zero3.json")):
+        if environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
+            raise EngineError(f"launched by accelerate with a {engine.lower()} config: healthgpt train shards the model "
+                              f"itself; launch with configs/accelerate_multinode.yaml (or torchrun) and pass {flag}")
     if fsdp and deepspeed:
         raise EngineError("--fsdp and --deepspeed are two sharding engines: pass one")
     if deepspeed and use_cpu:
         raise EngineError(DEEPSPEED_ON_CPU)
-    if fsdp and use_cpu:
-        raise EngineError(FSDP_ON_CPU)
+    if fsdp and fp16:
+        raise EngineError("--fsdp with --fp16: the FSDP engine has no sharded gradient scaler, so fp16 gradients could "
+                          "underflow; use --bf16 (bf16 compute, fp32 master weights)")
     if deepspeed:
         load_deepspeed_config(deepspeed)
 
@@ -114,3 +120,29 @@ def load_fsdp_config(path: str) -> dict:
     if not layers or not all(isinstance(c, str) for c in layers):
         raise EngineError(f"FSDP config {path}: transformer_layer_cls_to_wrap must list layer class names")
     return data
+
+
+# fsdp.json values the engine implements; anything else is refused rather than ignored.
+_FSDP_FIXED = {"version": 2, "cpu_offload": False, "activation_checkpointing": False, "cpu_ram_efficient_loading": False,
+               "state_dict_type": "SHARDED_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+_FSDP_WHY = {
+    "cpu_offload": "the engine keeps parameters on the training device",
+    "activation_checkpointing": "use --gradient-checkpointing (the model's own checkpointing, which works under FSDP)",
+    "cpu_ram_efficient_loading": "every rank builds the model, then shards it",
+    "state_dict_type": "checkpoints are sharded (torch.distributed.checkpoint), the final model is gathered",
+    "auto_wrap_policy": "one unit per transformer_layer_cls_to_wrap layer",
+    "min_num_params": "units are the transformer_layer_cls_to_wrap layers",
+}
+
+
+def fsdp_engine_options(config: dict) -> dict:
+    """``healthgpt.training.fsdp.shard_model`` keyword arguments from a checked ``fsdp_config``
+    (``load_fsdp_config``): ``units`` and ``reshard_after_forward``. A value the engine does not
+    implement is an ``EngineError`` naming it and why."""
+    for key, value in config.items():
+        if key == "min_num_params" or (key in _FSDP_FIXED and value != _FSDP_FIXED[key]):
+            raise EngineError(f"FSDP config: {key}={value!r} is not supported by the FSDP engine ({_FSDP_WHY.get(key, 'FSDP2 only')})")
+    reshard = config.get("reshard_after_forward", True)
+    if not isinstance(reshard, bool):
+        raise EngineError(f"FSDP config: reshard_after_forward must be true or false, got {reshard!r}")
+    return {"units": tuple(config["transformer_layer_cls_to_wrap"]), "reshard_after_forward": reshard}

@@ -6,7 +6,11 @@ unit holds its frozen base weights and both H-LoRA plugins together: every param
 ``DTensor`` sharded on dim 0 over the ranks, so each rank keeps about 1/N of every unit's storage,
 frozen or trainable; the forward all-gathers one unit at a time and frees it after use. Per-sample
 routing (``hlora.set_task``) is layer state, not a parameter, so it is unchanged by sharding and
-is still there when activation checkpointing recomputes a layer in the backward.
+is still there when activation checkpointing recomputes a layer in the backward. A rank whose
+micro-batch holds one task only leaves the other task's plugin and projector without gradients:
+every unit reduce-scatters zeros for its unused parameters (``set_reduce_scatter_unused_params``,
+FSDP2's ``find_unused_parameters``), else the ranks' reduce-scatters differ in size (gloo aborts
+with "Received data size doesn't match expected size"; NCCL hangs).
 
 Mixed precision (``mixed_precision="bf16"``): the sharded parameters stay float32 (the optimizer's
 master weights), each unit is all-gathered and computed in bfloat16, gradients are reduced in
@@ -43,12 +47,15 @@ class FSDPError(RuntimeError):
 
 
 def require_fsdp() -> None:
-    """Stop unless FSDP2 can shard in this process: torch with ``fully_shard`` and an initialised
-    process group of more than one rank."""
+    """Stop unless FSDP2 can shard in this process: torch with ``fully_shard`` (and its reduction of
+    unused parameters' gradients) and an initialised process group of more than one rank."""
     try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401  (torch >= 2.6)
     except ImportError as e:
         raise FSDPError(f"--fsdp needs PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6): {e}") from None
+    if not hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        raise FSDPError("--fsdp needs FSDP2's set_reduce_scatter_unused_params (a newer torch): a rank whose batch holds "
+                        "one task leaves the other plugin without gradients, which FSDP2 can only reduce with it")
     if not dist.is_available():
         raise FSDPError("--fsdp: this PyTorch build has no torch.distributed")
     if not dist.is_initialized() or dist.get_world_size() < 2:
@@ -74,6 +81,7 @@ def shard_model(model: nn.Module, mixed_precision: str | None = None, units=SHAR
     for layer in layers:
         fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    model.set_reduce_scatter_unused_params(True)  # recurses into every unit (module docstring)
     return model
 
 

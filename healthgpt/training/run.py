@@ -10,7 +10,8 @@ A run is these steps, each a function below, in this order:
 6. ``build_model``: the model: given in memory, loaded from ``--init`` or built from ``--model-preset``;
 7. ``apply_stage``: freeze all but the stage's parts -> optimizer groups of Parameters with their rates;
 8. ``load_data``: read, validate and VQ-encode the training file;
-9. ``build_trainer`` and ``train``; then ``save_final`` (the model) and ``stage_summary`` (``stage.json``).
+9. ``shard_for_training`` (``--fsdp`` only): FSDP2-shard the model, optimizer groups of the sharded Parameters;
+10. ``build_trainer`` and ``train``; then ``save_final`` (the model) and ``stage_summary`` (``stage.json``).
 
 Each output directory is a complete model (``HealthGPT.save_pretrained``) plus ``stage.json`` (what
 was trained, with which hyperparameters, on what), ``loss_log.jsonl``, ``loss_curve.png`` and the
@@ -25,7 +26,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
@@ -43,7 +44,8 @@ from healthgpt.model.files import check_model_files
 from healthgpt.model.healthgpt import HealthGPT
 from healthgpt.model.weights import RUN_FILES, SAVING_DIR
 from healthgpt.training.arguments import TrainArguments, TrainError
-from healthgpt.training.distributed import EngineError, check_engine, load_fsdp_config
+from healthgpt.training import fsdp
+from healthgpt.training.distributed import EngineError, check_engine, fsdp_engine_options, load_fsdp_config
 from healthgpt.training.stages import StagePlan, apply_stage, plan_stage
 from healthgpt.training.trainer import LOSS_PNG, HealthGPTTrainer, LossLogCallback, clean_staging, read_loss_log
 
@@ -120,7 +122,13 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
     }
     if resume_from:
         check_same_run(output, run_config)
+    sharding = fsdp_options(args)
     targs = trainer_arguments(args, output, geometry, plan, say, progress=progress)
+    if sharding is not None:
+        try:
+            fsdp.require_fsdp()  # the Trainer's arguments have set up the process group
+        except fsdp.FSDPError as e:
+            raise TrainError(str(e)) from None
 
     model, source, rebuild = build_model(args, preset, model, model_overrides, say)
     merged = sorted({layer.merged for layer in adapter_layers(model.llm) if layer.merged is not None})
@@ -133,6 +141,11 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
         f"x {geometry.accumulation} accumulation; schedule {hp.scheduler} (warm-up {hp.warmup_ratio:g}); "
         f"plugin dropout {plan.dropout}")
     dataset, report = load_data(args, model, targs, int(hp.max_length), say, progress=progress and main)
+    if sharding is not None:  # after the data: VQ-encoding runs the image tokenizer outside a sharded forward
+        plan = shard_for_training(model, plan, sharding, targs.device, bf16=args.bf16)
+        sizes = fsdp.shard_sizes(model)
+        say(f"FSDP2: {geometry.processes} processes, each holding {sizes['local']:,} of {sizes['full']:,} sharded "
+            f"parameter elements" + (", bf16 compute with fp32 master weights" if args.bf16 else ""))
 
     if main:
         with open(os.path.join(output, RUN_FILE), "w") as f:
@@ -288,13 +301,10 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
     use_cpu = args.cpu or not torch.cuda.is_available()
     if use_cpu and (args.bf16 or args.fp16):
         say("note: mixed precision on the CPU is slow; the paper trained bf16 on GPUs")
-    fsdp_config = args.fsdp_config or (os.path.join(CONFIGS_DIR, "fsdp.json") if args.fsdp else None)
     if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
         raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
     try:  # an engine that cannot run as asked stops here rather than train as something else
-        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu)
-        if args.fsdp:
-            load_fsdp_config(fsdp_config)
+        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu, fp16=args.fp16)
     except EngineError as e:
         raise TrainError(str(e)) from None
     if args.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
@@ -317,14 +327,16 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
             save_steps=args.save_steps,
             save_total_limit=args.save_total_limit,
             seed=args.seed,
-            bf16=args.bf16,
+            # --fsdp: the engine's mixed-precision policy casts (no autocast on top), and the Trainer saves
+            # only what HealthGPTTrainer writes for a sharded model (its contract for a model it did not shard)
+            bf16=args.bf16 and not args.fsdp,
             fp16=args.fp16,
             deepspeed=args.deepspeed,
-            fsdp=args.fsdp,
-            fsdp_config=fsdp_config if args.fsdp else None,
+            save_only_model=args.fsdp,
             use_cpu=use_cpu,
             ddp_backend="gloo" if use_cpu and distributed else None,
-            ddp_find_unused_parameters=True if distributed else None,  # a batch of one task leaves the other's parts idle
+            # a batch of one task leaves the other's parts idle
+            ddp_find_unused_parameters=True if distributed and not args.fsdp else None,
             dataloader_num_workers=args.num_workers,
             dataloader_pin_memory=not use_cpu,
             remove_unused_columns=False,  # the collator needs "task"
@@ -336,6 +348,19 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
         )
     except (ImportError, ValueError) as e:
         raise TrainError(f"the Trainer refused these engine options: {e}") from e
+
+
+def fsdp_options(args: TrainArguments) -> dict | None:
+    """``--fsdp``: the engine's ``shard_model`` options from ``--fsdp-config`` (default ``configs/fsdp.json``);
+    None without ``--fsdp``. An option the engine does not implement is a ``TrainError``."""
+    if args.fsdp_config is not None and not args.fsdp:
+        raise TrainError("--fsdp-config without --fsdp: pass --fsdp to shard the model")
+    if not args.fsdp:
+        return None
+    try:
+        return fsdp_engine_options(load_fsdp_config(args.fsdp_config or os.path.join(CONFIGS_DIR, "fsdp.json")))
+    except EngineError as e:
+        raise TrainError(str(e)) from None
 
 
 # ---- 6. the model ---------------------------------------------------------------------------------
@@ -389,7 +414,25 @@ def load_data(args: TrainArguments, model: HealthGPT, targs: TrainingArguments, 
     return dataset, report
 
 
-# ---- 9. trainer, final model, summary ---------------------------------------------------------------
+# ---- 9. sharding (--fsdp) ----------------------------------------------------------------------------
+
+
+def shard_for_training(model: HealthGPT, plan: StagePlan, options: dict, device, bf16: bool) -> StagePlan:
+    """Shard ``model`` in place with the FSDP2 engine (``healthgpt.training.fsdp.shard_model``, bf16
+    compute with ``bf16``) -> ``plan`` whose optimizer groups hold the sharded Parameters
+    (``fully_shard`` replaces every Parameter by a DTensor one under the same name)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g, [names[id(p)] for p in g["params"]]) for g in plan.groups]
+    if device.type != "cpu":
+        model.to(device)  # the Trainer does not place a model it did not shard
+    fsdp.shard_model(model, mixed_precision="bf16" if bf16 else None, **options)
+    # The Trainer's flag for a model sharded before it: no DDP wrap, no re-sharding, no device move
+    model.is_distributed_loading_by_transformers = True
+    params = dict(model.named_parameters())
+    return replace(plan, groups=[{**g, "params": [params[n] for n in group]} for g, group in groups])
+
+
+# ---- 10. trainer, final model, summary ---------------------------------------------------------------
 
 
 def build_trainer(model: HealthGPT, targs: TrainingArguments, dataset, plan: StagePlan, callbacks: list,
@@ -406,8 +449,9 @@ def _save_final(trainer: HealthGPTTrainer, model: HealthGPT, output: str, main: 
     """The trained model as ``HealthGPT.save_pretrained`` writes it, from the main process.
 
     DeepSpeed ZeRO-3: the partitioned parameters are gathered first. FSDP: the full state dict is
-    gathered to the main process and loaded into a fresh copy of the starting model (``rebuild()``),
-    which is saved; the sharded training model is never touched outside collectives.
+    gathered to the main process (``fsdp.gather_state_dict``) and loaded into a fresh copy of the
+    starting model (``rebuild()``), which is saved; the sharded training model is never touched
+    outside collectives.
     """
     if trainer.is_deepspeed_enabled:
         import deepspeed  # optional: present whenever --deepspeed runs
@@ -415,8 +459,8 @@ def _save_final(trainer: HealthGPTTrainer, model: HealthGPT, output: str, main: 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if main:
                 model.save_pretrained(output)
-    elif trainer.is_fsdp_enabled:
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # full, on the main process
+    elif fsdp.is_sharded(model):
+        state = fsdp.gather_state_dict(model)  # full, on the main process; {} on the others
         if main:
             fresh = rebuild()
             result = fresh.load_state_dict(state, strict=False)

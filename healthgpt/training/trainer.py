@@ -11,8 +11,14 @@
   ``save_model``, resume and ``load_best_model_at_end`` through one hook pair) with HealthGPT's
   trainable state: without DeepSpeed/FSDP a checkpoint holds only the trainable tensors
   (``trainable.safetensors``: plugins, projector, fusion layer) plus optimizer, scheduler, RNG and
-  trainer state; the frozen weights are the run's starting point, rebuilt on resume. DeepSpeed and
-  FSDP checkpoints are their engines' own. ``tests/test_train_checkpoint.py`` and
+  trainer state; the frozen weights are the run's starting point, rebuilt on resume. DeepSpeed
+  checkpoints are its own.
+- **FSDP2-sharded models** (``--fsdp``: ``healthgpt.training.fsdp`` shards the model before the
+  Trainer sees it, and flags it ``is_distributed_loading_by_transformers``, the Trainer's contract for
+  a model that owns its sharding: no DDP wrap, ``save_only_model``). Their checkpoints are the
+  engine's: ``checkpoint-N/fsdp/`` (``fsdp.save_sharded``: each rank's shards of the trainable
+  parameters and of the optimizer state) plus the scheduler, every rank's RNG state and the trainer
+  state; resume reads them back once the optimizer exists (``_load_optimizer_and_scheduler``). ``tests/test_train_checkpoint.py`` and
   ``tests/test_hlora_trainer.py`` check that transformers still calls the private methods relied on.
 - **Per-task losses** (``compute_loss``/``log``): mixed batches also log ``loss_comp`` and
   ``loss_gen`` (mean token cross-entropy of each task's samples since the last log).
@@ -22,6 +28,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,19 +39,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from hlora import copy_checked
 from hlora.files import atomic_write
 from hlora.integrations.transformers import HLoRATrainerMixin
 
 from healthgpt.constants import IGNORE_INDEX, TASKS as _TASKS
+from healthgpt.training import fsdp
 
-__all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "STAGING_PREFIX", "plot_losses", "read_loss_log",
-           "clean_staging"]
+__all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "SHARDED_DIR", "STAGING_PREFIX",
+           "plot_losses", "read_loss_log", "clean_staging"]
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
+SHARDED_DIR = "fsdp"  # in checkpoint-N of a sharded run: fsdp.save_sharded's folder
 STAGING_PREFIX = ".staging-"
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
@@ -260,15 +270,63 @@ class HealthGPTTrainer(HLoRATrainerMixin, Trainer):
         trainable = {n: p.detach().contiguous().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
 
-    def holds_trainable_state(self, checkpoint_dir: str) -> bool:
-        return os.path.isfile(os.path.join(checkpoint_dir, TRAINABLE_FILE))
-
     def load_trainable_state(self, checkpoint_dir: str, model=None) -> None:
         model = self.model if model is None else model
         tensors = load_file(os.path.join(checkpoint_dir, TRAINABLE_FILE))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         copy_checked(params, tensors, what=f"checkpoint {checkpoint_dir} into this run's trainable parameters "
                                            f"(resume with the same --stage/--task and model as the run that wrote it)")
+
+
+    # A model sharded by healthgpt.training.fsdp: the engine's sharded checkpoint (every rank writes its
+    # shards) instead of the trainable tensors, and the optimizer state with it. Private Trainer methods
+    # overridden (no public hook): _load_from_checkpoint (above, via the mixin), _load_optimizer_and_scheduler,
+    # _defer_fsdp_gradient_reduction; _save_rng_state is called. tests/test_train_fsdp.py runs them all.
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Unsharded: the mixin's (trainable tensors). Sharded: ``output_dir/fsdp`` (trainable
+        parameters and optimizer state, each rank its shards), the scheduler, every rank's RNG state
+        and the training arguments. Collective for a sharded model: every rank calls it (the Trainer
+        does for checkpoints). The full model is ``fsdp.gather_state_dict``'s (``healthgpt train``'s final save)."""
+        if not fsdp.is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        if self.optimizer is None:
+            raise RuntimeError("a sharded run's checkpoint holds its optimizer state: save it once training has started "
+                               "(the gathered weights: healthgpt.training.fsdp.gather_state_dict)")
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        fsdp.save_sharded(self.model, self.optimizer, os.path.join(output_dir, SHARDED_DIR))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self._save_rng_state(output_dir)
+
+    def holds_trainable_state(self, checkpoint_dir: str) -> bool:
+        if fsdp.is_sharded(self.model):
+            return os.path.isdir(os.path.join(checkpoint_dir, SHARDED_DIR))
+        return os.path.isfile(os.path.join(checkpoint_dir, TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        if not fsdp.is_sharded(self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.holds_trainable_state(resume_from_checkpoint):  # the weights come with the optimizer state, below
+            raise RuntimeError(f"{resume_from_checkpoint} has no sharded state ({SHARDED_DIR}/): it was not written by an "
+                               f"--fsdp run; resume with the engine that wrote it")
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None or not fsdp.is_sharded(self.model):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        fsdp.load_sharded(self.model, self.optimizer, os.path.join(checkpoint, SHARDED_DIR))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradient accumulation on a sharded model: reduce-scatter every micro-batch into the fp32
+        sharded gradients (no deferral). FSDP2's deferred reduction (``set_requires_gradient_sync(False)``)
+        keeps unsharded gradients, upcast to the reduce dtype once accumulated; under bf16 a plugin
+        unused by an earlier micro-batch of the window (all its samples of the other task) then brings
+        a bf16 gradient next to fp32 ones, and torch 2.13's ``foreach_reduce`` refuses the mix ("expects
+        uniform gradient dtype"). The Trainer's own version also reads a transformers ``DistributedConfig``."""
+        yield
 
 
 # ---- loss log and curve -----------------------------------------------------------------------------
