@@ -112,8 +112,14 @@ def test_engine_combinations_that_cannot_run_stop():
     check_engine(fsdp=True, deepspeed=None, use_cpu=True, environ={"ACCELERATE_USE_FSDP": "false"})  # CPUs: the engine
     with pytest.raises(EngineError, match="no such file"):
         check_engine(fsdp=False, deepspeed="/nonexistent/zero9.json", use_cpu=False)
-    check_engine(fsdp=True, deepspeed=None, use_cpu=False)  # GPUs: the Trainer's FSDP2
-    check_engine(fsdp=False, deepspeed=zero2, use_cpu=False)  # GPUs: the Trainer's DeepSpeed
+    zero3 = os.path.join(CONFIGS_DIR, "zero3.json")
+    with pytest.raises(EngineError, match="zero.Init") as e:  # ZeRO-3 cannot build HealthGPT, on any device
+        check_engine(fsdp=False, deepspeed=zero3, use_cpu=False)
+    assert "hlora/layer.py" in str(e.value)
+    with pytest.raises(EngineError, match="mixed batches"):  # ZeRO-2's buckets differ when a rank skips a task's parts
+        check_engine(fsdp=False, deepspeed=zero2, use_cpu=False, mixed_parts=True)
+    check_engine(fsdp=True, deepspeed=None, use_cpu=False, mixed_parts=True)  # GPUs: the FSDP2 engine, mixed batches too
+    check_engine(fsdp=False, deepspeed=zero2, use_cpu=False)  # GPUs, one task per run: the Trainer's DeepSpeed ZeRO-2
     check_engine(fsdp=False, deepspeed=None, use_cpu=True)  # CPUs: DDP
 
 

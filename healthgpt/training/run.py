@@ -304,7 +304,8 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
     if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
         raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
     try:  # an engine that cannot run as asked stops here rather than train as something else
-        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu, fp16=args.fp16)
+        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu, fp16=args.fp16,
+                     mixed_parts=args.task == "mixed" and len(set(plan.plugins) | set(plan.projectors)) > 1)
     except EngineError as e:
         raise TrainError(str(e)) from None
     if args.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
