@@ -1,11 +1,12 @@
-"""``healthgpt train --fsdp`` on real processes (torchrun, gloo, CPU): the CLI's arguments through
-``train_stage`` and the FSDP2 engine. Stage 3, mixed tasks with per-sample routing, both plugins and
-projectors training, activation checkpointing on.
+"""``healthgpt train --fsdp`` (and plain DDP) on real processes (torchrun, gloo, CPU): the CLI's
+arguments through ``train_stage`` and the FSDP2 engine. Stage 3, mixed tasks with per-sample
+routing, both plugins and projectors training, activation checkpointing on.
 
-One 2-process launch: its first attempt checkpoints at step 1 and is killed (SIGKILL) as step 2
-begins; torchrun restarts it (``--max-restarts 1``), and the fresh processes ``--resume`` the killed
-run, then run it uninterrupted, then in bf16. The single-process reference (same global batch, no
-sharding, no checkpointing) trains in the test process while the workers run. Checked: each rank
+One 2-process launch (the only one of the suite): its first attempt checkpoints at step 1 and is
+killed (SIGKILL) as step 2 begins; torchrun restarts it (``--max-restarts 1``), and the fresh
+processes ``--resume`` the killed run, then run it uninterrupted, then in bf16, then without
+``--fsdp`` (DDP). The single-process reference (same global batch, no sharding, no checkpointing)
+trains in the test process while the workers run. Checked: each rank
 holds half of every parameter's storage (local shard sizes), losses and final weights equal one
 process, the recompute sees the per-sample routing, the resumed run ends with the uninterrupted
 run's weights, the gathered save loads with ``HealthGPT.from_pretrained``, bf16 dtypes."""
@@ -51,8 +52,8 @@ WORKER = textwrap.dedent("""
     from healthgpt.training.arguments import TrainArguments
     from healthgpt.training.run import train_stage
 
-    out, data, cache, flags = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    save_at = int(sys.argv[5])
+    out, data, cache, flags, fsdp_flags = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+    save_at = int(sys.argv[6])
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.set_num_threads(1)
     # the restarted ranks reuse torchrun's store, where the dead ranks' gloo addresses are still
@@ -70,6 +71,7 @@ WORKER = textwrap.dedent("""
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.report.update(sizes=fsdp.shard_sizes(model), cls=type(model).__name__)
+            self.report["tensor"] = type(hlora.adapter_layers(model.llm)[0].plugins["gen"].A).__name__
             self.layer = hlora.adapter_layers(model.llm)[0]
             self.layer.register_forward_pre_hook(self.record)
 
@@ -88,9 +90,9 @@ WORKER = textwrap.dedent("""
             a = self.layer.plugins["gen"].A
             self.report.setdefault("master", {"type": type(a).__name__, "param": str(a.dtype), "grad": str(a.grad.dtype)})
 
-    def run(name, *extra, kill_at=None):
-        parsed = HfArgumentParser(TrainArguments).parse_args(flags + ["--data", data, "--cache-dir", cache,
-                                                                      "--output", os.path.join(out, name), *extra])
+    def run(name, *extra, kill_at=None, engine=fsdp_flags):
+        parsed = HfArgumentParser(TrainArguments).parse_args(flags + engine + ["--data", data, "--cache-dir", cache,
+                                                                               "--output", os.path.join(out, name), *extra])
         probe = Probe(kill_at)
         train_stage(train_arguments(parsed), model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)},
                     callbacks=[probe], quiet=True)
@@ -105,6 +107,7 @@ WORKER = textwrap.dedent("""
     report["resumed"] = run("resumed", "--resume")
     report["fsdp"] = run("fsdp")
     report["bf16"] = run("bf16", "--bf16")
+    report["ddp"] = run("ddp", "--per-device-batch-size", "2", engine=[])  # no --fsdp: the Trainer's DDP
     with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -131,7 +134,7 @@ def run(training_subset, tmp_path_factory):
     script.write_text(WORKER)
     penv = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
-           str(script), str(out), env["data"], env["cache"], json.dumps(FLAGS + FSDP), str(SAVE_AT)]
+           str(script), str(out), env["data"], env["cache"], json.dumps(FLAGS), json.dumps(FSDP), str(SAVE_AT)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # its own VQ cache: the workers write theirs meanwhile
         one = tmp / "one"
@@ -245,6 +248,23 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(run):
     bf16 = _state(out / "bf16")
     assert all(v.dtype == torch.float32 for v in bf16.values())  # saved from the fp32 master weights
     assert 0 < _worst(_trained(bf16), _trained(_state(run["one"]))) < 5e-2
+
+
+def test_ddp_two_processes_match_one(run):
+    """Without --fsdp: the Trainer's DDP over the same processes (find_unused_parameters for the idle task's parts)."""
+    out = run["out"]
+    for r in run["reports"]:
+        assert r["ddp"]["cls"] == "HealthGPT" and r["ddp"]["sizes"]["local"] == 0  # whole parameters, no DTensor
+        assert r["ddp"]["tensor"] == "Parameter" and r["fsdp"]["tensor"] == "DTensor"
+    info = json.load(open(out / "ddp" / "stage.json"))
+    assert info["processes"] == 2 and info["gradient_accumulation"] == ACCUMULATION and info["engine"]["fsdp"] is False
+    # both ranks wrote into the staged checkpoint before it was renamed into place
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainable.safetensors"} <= set(os.listdir(out / "ddp" / "checkpoint-2"))
+    assert not [n for n in os.listdir(out / "ddp") if n.startswith(".staging")]
+    assert _close(_losses(out / "ddp"), _losses(run["one"]), 1e-5)
+    ddp, one = _state(out / "ddp"), _state(run["one"])
+    assert _worst(_trained(ddp), _trained(one)) < 1e-5
+    assert _worst(_trained(ddp), _trained(_state(out / "fsdp"))) < 1e-5  # DDP and FSDP train the same thing
 
 
 def test_fsdp_refuses_a_single_process():
