@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from healthgpt.training.demo import QUICK, add_demo_arguments, demo, loss_fell, majority_baseline, run_demo
@@ -99,3 +100,41 @@ def test_subcommands_register_with_the_healthgpt_cli():
     assert (args.stage, args.task, args.preset, args.func.__name__) == (3, "gen", "m3", "run_train")
     assert parser.parse_args(["demo"]).func.__name__ == "run_demo"
     assert parser.parse_args(["data", "convert", "ixi", "/x", "--out", "y.json"]).func.__name__ == "run_data"
+
+
+def test_kmeans_finds_separated_clusters_and_its_centres_are_their_means():
+    from healthgpt.training.vq_pretrain import kmeans
+
+    gen = torch.Generator().manual_seed(3)
+    true = torch.randn(5, 7, generator=gen, dtype=torch.float64) * 20
+    labels = torch.arange(5).repeat_interleave(13)[torch.randperm(65, generator=gen)]
+    vectors = true[labels] + torch.randn(65, 7, generator=gen, dtype=torch.float64)
+    centres = kmeans(vectors, 5, generator=torch.Generator().manual_seed(0))
+    assign = torch.cdist(vectors, centres).argmin(1)
+    for j in range(5):  # a Lloyd fixed point: each centre is the mean of its vectors, one per true cluster
+        torch.testing.assert_close(centres[j], vectors[assign == j].mean(0))
+    assert sorted(torch.cdist(centres, true).argmin(1).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="k-means needs"):
+        kmeans(vectors[:3], 4)
+
+
+def test_pretrained_tokenizer_encodes_to_the_nearest_of_its_k_codes(sample_set):
+    from healthgpt.data.images import load_image
+    from healthgpt.model.config import TINY_VQ
+    from healthgpt.model.vq import VQTokenizer
+    from healthgpt.training.vq_pretrain import pretrain_image_tokenizer
+
+    rows = json.load(open(sample_set.align))
+    paths = sorted({os.path.join(sample_set.root, r["image"]) for r in rows})[:6]
+    tok = VQTokenizer(dict(TINY_VQ, resolution=32, attn_resolutions=(4,)))
+    result = pretrain_image_tokenizer(tok, paths, ae_steps=20, decoder_steps=20, active_codes=9, batch_size=4)
+    assert result.active_codes == 9 and 1 < result.used_codes <= 9 and result.loss_end < result.loss_start
+    assert not any(p.requires_grad for p in tok.parameters()) and not tok.training
+    held = [load_image(os.path.join(sample_set.root, s["image"])) for s in json.load(open(sample_set.heldout_gen))[:3]]
+    pixels = tok.preprocess(held)
+    ids = tok.encode(pixels)
+    with torch.no_grad():
+        z = tok.model.encode(pixels).latents.double()
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    nearest = torch.cdist(vectors, tok.model.quantize.embedding.weight[:9].double()).argmin(1)
+    assert torch.equal(ids.flatten(), nearest) and int(ids.max()) < 9

@@ -52,16 +52,16 @@ class DemoConfig:
     """What the demo trains, how long, at which rates. The default aims at ``GOALS``; it has not been shown
     to reach them (benchmarks/RESULTS.md has what it measured)."""
 
-    steps: tuple = (40, 100, 150)  # optimizer steps of stages 1, 2, 3
-    batch_size: int = 8
+    steps: tuple = (20, 40, 100)  # optimizer steps of stages 1, 2, 3
+    batch_size: int = 4  # one micro-batch per step: the 40k-row lm_head over every position sets the step's cost
     lrs: tuple = ((1e-2, 1e-2), (1e-2, 1e-2), (1e-2, 1e-2))  # (projector lr, lr) per stage
-    vq_steps: int = 300
-    vq_codes: int = 256  # active codes of the pretrained image tokenizer
+    vq_steps: tuple = (300, 200)  # image tokenizer: autoencoder steps, decoder steps on the k-means codebook
+    vq_codes: int = 64  # k-means codebook size of the pretrained image tokenizer
     image_size: int = 32  # 4 x 4 = 16 codes per image: the vision tower's 4 x 4 patch grid
     max_new_tokens: int = 12
 
 
-QUICK = DemoConfig(steps=(10, 30, 30), vq_steps=60)  # tests: learns something, not the goals
+QUICK = DemoConfig(steps=(10, 30, 30), vq_steps=(60, 40))  # tests: learns something, not the goals
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -69,7 +69,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--out", default="healthgpt-demo", help="output folder (default ./healthgpt-demo)")
     parser.add_argument("--steps", type=int, nargs=3, default=list(d.steps), metavar=("S1", "S2", "S3"),
                         help=f"optimizer steps of stages 1, 2, 3 (default {' '.join(map(str, d.steps))})")
-    parser.add_argument("--vq-steps", type=int, default=d.vq_steps, help=f"image tokenizer pretraining steps (default {d.vq_steps})")
+    parser.add_argument("--vq-steps", type=int, nargs=2, default=list(d.vq_steps), metavar=("AE", "DEC"),
+                        help=f"image tokenizer pretraining: autoencoder steps, decoder steps (default {' '.join(map(str, d.vq_steps))})")
     parser.add_argument("--image-size", type=int, default=d.image_size, choices=(32, 64, 128, 256),
                         help="image tokenizer resolution: 32 -> 16 image tokens (default); 256 -> 1024, as the real model")
     parser.add_argument("--cache-dir", default=None, help="sample set and VQ-id cache (default $HEALTHGPT_CACHE or ~/.cache/healthgpt)")
@@ -82,7 +83,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_demo(args: argparse.Namespace) -> int:
     """``healthgpt demo``; 0 after a complete run (with ``--require-goals``: only when every goal is met)."""
-    config = replace(DemoConfig(), steps=tuple(args.steps), vq_steps=args.vq_steps, image_size=args.image_size)
+    config = replace(DemoConfig(), steps=tuple(args.steps), vq_steps=tuple(args.vq_steps), image_size=args.image_size)
     result = demo(out=args.out, config=config, cache_dir=args.cache_dir, seed=args.seed, progress=args.progress)
     return 0 if all(result["goals"].values()) or not args.require_goals else 1
 
@@ -243,8 +244,8 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
     vq = dict(TINY_VQ, resolution=config.image_size, attn_resolutions=(grid,))  # attention at the code grid, as the real f=8 VQGAN
     model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=vq))
     train_images = sorted({os.path.join(samples.root, r[k]) for r in rows_of["mixed"] for k in ("image", "target_image") if k in r})
-    vq_result = pretrain_image_tokenizer(model.image_tokenizer, train_images, steps=config.vq_steps,
-                                         active_codes=config.vq_codes, seed=seed, log=log)
+    vq_result = pretrain_image_tokenizer(model.image_tokenizer, train_images, ae_steps=config.vq_steps[0],
+                                         decoder_steps=config.vq_steps[1], active_codes=config.vq_codes, seed=seed, log=log)
     ceiling = tokenizer_ceiling(model, samples)
 
     t = time.time()
@@ -309,8 +310,8 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
     log("")
     log("HealthGPT demo (tiny model from random weights, CPU): stages 1 -> 2 -> 3, scored on a held-out split")
     log(f"  {samples.split}")
-    log(f"  image tokenizer: {vq_result.steps} reconstruction steps on the {vq_result.images} training images "
-        f"({vq_result.active_codes} of its codes active), then frozen like the real model's")
+    log(f"  image tokenizer: {config.vq_steps[0]} autoencoder steps on the {vq_result.images} training images, a k-means "
+        f"codebook of {vq_result.active_codes} codes, {config.vq_steps[1]} decoder steps; then frozen like the real model's")
     for s in stages:
         tasks = "  ".join(f"{k} {v['start']:.2f}->{v['end']:.2f}" for k, v in s["per_task"].items())
         log(f"  stage {s['stage']}: {s['steps']} steps, {s['seconds']:.0f}s, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f}"
