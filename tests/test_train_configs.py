@@ -137,3 +137,19 @@ def test_healthgpt_train_refuses_what_would_run_as_something_else(flags, message
     rc = main(["--stage", "3", "--task", "mixed", "--data", str(data), "--output", str(out), "--preset", "tiny", "--cpu", *flags])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (out / "run_config.json").exists()  # it stopped before building or training anything
+
+
+def test_resuming_needs_the_engine_that_wrote_the_checkpoints(tmp_path):
+    """An --fsdp run's checkpoints are sharded: only an --fsdp run resumes them, and the other way round."""
+    from healthgpt.training.arguments import TrainError
+    from healthgpt.training.run import RUN_FILE, check_same_run
+
+    run = {"stage": 3, "task": "mixed", "seed": 0}
+    (tmp_path / RUN_FILE).write_text(json.dumps({**run, "fsdp": True}))
+    with pytest.raises(TrainError, match=r"\['fsdp'\]"):
+        check_same_run(str(tmp_path), run)
+    check_same_run(str(tmp_path), {**run, "fsdp": True})
+    (tmp_path / RUN_FILE).write_text(json.dumps(run))
+    with pytest.raises(TrainError, match=r"\['fsdp'\]"):
+        check_same_run(str(tmp_path), {**run, "fsdp": True})
+    check_same_run(str(tmp_path), run)

@@ -228,6 +228,7 @@ def test_kill_and_resume_ends_like_the_uninterrupted_run(run):
     assert {SHARDED_DIR, "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= ckpt
     assert "trainable.safetensors" not in ckpt and "optimizer.pt" not in ckpt  # the engine's sharded state instead
     assert sorted(os.listdir(out / "resumed" / "checkpoint-1" / SHARDED_DIR))[0] == ".metadata"
+    assert json.load(open(out / "resumed" / "run_config.json"))["fsdp"] is True  # only an --fsdp run resumes it
     info = json.load(open(out / "resumed" / "stage.json"))
     assert info["resumed_from"].endswith("checkpoint-1") and info["steps"] == STEPS
     assert _close(_losses(out / "resumed"), _losses(out / "fsdp"), 1e-6)

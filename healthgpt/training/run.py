@@ -43,8 +43,8 @@ from healthgpt.model.config import CONFIG_NAME, HealthGPTConfig
 from healthgpt.model.files import check_model_files
 from healthgpt.model.healthgpt import HealthGPT
 from healthgpt.model.weights import RUN_FILES, SAVING_DIR
-from healthgpt.training.arguments import TrainArguments, TrainError
 from healthgpt.training import fsdp
+from healthgpt.training.arguments import TrainArguments, TrainError
 from healthgpt.training.distributed import EngineError, check_engine, fsdp_engine_options, load_fsdp_config
 from healthgpt.training.stages import StagePlan, apply_stage, plan_stage
 from healthgpt.training.trainer import LOSS_PNG, HealthGPTTrainer, LossLogCallback, clean_staging, read_loss_log
@@ -119,6 +119,7 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
         "stage": args.stage, "task": args.task, "preset": preset, "data": os.path.abspath(args.data),
         "data_sha256": file_digest(args.data), "init": os.path.abspath(args.init) if args.init else None,
         "global_batch_size": geometry.global_batch, "hparams": _hparams(plan), "max_steps": args.max_steps, "seed": args.seed,
+        **({"fsdp": True} if args.fsdp else {}),  # its checkpoints are sharded: resumed by --fsdp runs only
     }
     if resume_from:
         check_same_run(output, run_config)
@@ -274,7 +275,7 @@ def check_same_run(output: str, run_config: dict) -> None:
         return
     with open(path) as f:
         before = json.load(f)
-    diff = [k for k in run_config if before.get(k) != run_config[k]]
+    diff = sorted(k for k in set(run_config) | set(before) if before.get(k) != run_config.get(k))
     if diff:
         raise TrainError(f"--resume: this run differs from the one in {output} in {diff}; resuming continues the same run")
 

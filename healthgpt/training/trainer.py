@@ -18,8 +18,9 @@
   a model that owns its sharding: no DDP wrap, ``save_only_model``). Their checkpoints are the
   engine's: ``checkpoint-N/fsdp/`` (``fsdp.save_sharded``: each rank's shards of the trainable
   parameters and of the optimizer state) plus the scheduler, every rank's RNG state and the trainer
-  state; resume reads them back once the optimizer exists (``_load_optimizer_and_scheduler``). ``tests/test_train_checkpoint.py`` and
-  ``tests/test_hlora_trainer.py`` check that transformers still calls the private methods relied on.
+  state; resume reads them back once the optimizer exists (``_load_optimizer_and_scheduler``).
+- ``tests/test_train_checkpoint.py`` and ``tests/test_hlora_trainer.py`` check that transformers
+  still calls the private methods relied on (tests/test_train_fsdp.py runs the sharded ones).
 - **Per-task losses** (``compute_loss``/``log``): mixed batches also log ``loss_comp`` and
   ``loss_gen`` (mean token cross-entropy of each task's samples since the last log).
 
