@@ -275,7 +275,7 @@ def check_same_run(output: str, run_config: dict) -> None:
         return
     with open(path) as f:
         before = json.load(f)
-    diff = sorted(k for k in set(run_config) | set(before) if before.get(k) != run_config.get(k))
+    diff = [k for k in [*run_config, *(k for k in before if k not in run_config)] if before.get(k) != run_config.get(k)]
     if diff:
         raise TrainError(f"--resume: this run differs from the one in {output} in {diff}; resuming continues the same run")
 
