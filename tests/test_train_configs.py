@@ -125,6 +125,7 @@ def test_engine_combinations_that_cannot_run_stop():
 
 @pytest.mark.parametrize("flags, message", [(["--fsdp"], "torchrun"),  # one process: nothing to shard over
                                             (["--fsdp", "--fp16"], "--bf16"),
+                                            (["--fsdp", "--load-in-4bit"], "4-bit"),
                                             (["--fsdp", "--fsdp-config", os.path.join(CONFIGS_DIR, "zero2.json")],
                                              "unknown keys"),
                                             (["--deepspeed", os.path.join(CONFIGS_DIR, "zero3.json")], "CPU processes")])
