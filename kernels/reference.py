@@ -32,8 +32,12 @@ def router_gates(logits: torch.Tensor) -> torch.Tensor:
     to exact zeros (logits more than ``-GATE_LOG_FLOOR`` below the row max become -inf first)."""
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     z = z - z.amax(dim=-1, keepdim=True).detach()
-    z.masked_fill_(z < GATE_LOG_FLOOR, float("-inf"))  # in place: z is this function's own tensor
+    z = torch.where(z < _FLOOR, _NEG_INF, z)  # 0-d tensors, not Python floats: no scalar wrapping per call
     return torch.softmax(z, dim=-1)
+
+
+# 0-d CPU tensors: they broadcast to any device and keep z's dtype
+_FLOOR, _NEG_INF = torch.tensor(GATE_LOG_FLOOR), torch.tensor(float("-inf"))
 
 
 def _products(x2, A, router):
