@@ -167,9 +167,10 @@ def bench(models: dict, batches, new_tokens: int, prompt_len: int, repeats: int,
     for B in batches:
         ids, mask = prompts(B, prompt_len, vocab.start, device)
         best, outputs = {}, {}
-        if device == "cuda":  # compile the kernels for this batch size and tune them before timing; the static
-            for name in providers:  # decoder is then kept with its captured graph, as a user's second image finds it
-                run_provider(name, models, ids, mask, new_tokens if name == "hlora_static" else 8, image, vocab)
+        # warm-up (first calls, lazy initialisation; on CUDA the kernels' compilation and tuning); on CUDA the
+        # static decoder is then kept with its captured graph, as a user's second image finds it
+        for name in providers:
+            run_provider(name, models, ids, mask, new_tokens if name == "hlora_static" and device == "cuda" else 8, image, vocab)
         for _ in range(repeats):  # interleaved rounds: a load spike hits every provider alike
             for name in providers:
                 seconds, out = run_provider(name, models, ids, mask, new_tokens, image, vocab)
