@@ -52,7 +52,7 @@ from healthgpt.data.format import write_rows
 
 __all__ = ["SampleSet", "build_sample_set", "default_cache_dir", "SAMPLESET_VERSION"]
 
-SAMPLESET_VERSION = 3  # 3: a held-out split and more training views; 2: CT windows are DICOM's VOI window
+SAMPLESET_VERSION = 4  # 4: more CT training views; 3: a held-out split and more training views; 2: CT windows are DICOM's VOI window
 CT_HEAD_WINDOW = (40, 120)  # (centre, width) in HU: brain
 CT_SPINE_WINDOW = (40, 400)  # soft tissue, bone edges visible
 
@@ -142,6 +142,7 @@ CT_SOURCES = {  # name -> (pydicom file, training window (centre, width) in HU, 
     "ct_spine": ("CT_small.dcm", CT_SPINE_WINDOW, "spine", "vertebra"),
 }
 CT_TRAIN_ZOOM_WINDOW = {"ct_head": (40, 400), "ct_head2": (40, 400), "ct_spine": (40, 800)}  # bone-ish
+CT_TRAIN_VIEWS = [((0.8, 0.5, 0.0), (40, 160)), ((0.8, 0.5, 1.0), (40, 300))]  # more CT looks: left/right crops
 CT_HELDOUT_VIEWS = {  # name -> [(crop (side fraction, top, left) with top/left as fractions of the slack, window)]
     "ct_head": [((0.7, 0.1, 0.0), (40, 90)), ((0.7, 0.9, 1.0), (45, 200))],
     "ct_head2": [((0.7, 0.0, 1.0), (40, 90)), ((0.7, 1.0, 0.0), (45, 200))],
@@ -149,7 +150,8 @@ CT_HELDOUT_VIEWS = {  # name -> [(crop (side fraction, top, left) with top/left 
 }
 SPLIT_NOTE = ("held-out split: brain MR volume slices z=11,15,21 and EPI slices z=8,16 (training: z=7,9,13,17,19 "
               "and z=4,12,20); off-centre crops of the three CT slices in display windows no training view uses "
-              "(training: full slice in the brain/soft-tissue window, centre crop in a bone window); the right half "
+              "(training: full slice in the brain/soft-tissue window, centre crop in a bone window, left/right 80 % crops in "
+              "(40, 160) and (40, 300) HU windows); the right half "
               "of the fundus photograph and the bottom half of the pathology slide (training: the left / top half); "
               "a crop of the abdominal MR")
 
@@ -182,6 +184,9 @@ def _images(img_dir: str) -> dict:
         zoom = intensity_unit(_centre_crop(hu[name], 0.75), CT_TRAIN_ZOOM_WINDOW[name])
         put(f"{name}_zoom_bone", _grey(zoom), modality="CT", region=region, organ=organ,
             caption=f"A close-up axial CT slice of the {region} in a bone window.")
+        for i, (crop, window) in enumerate(CT_TRAIN_VIEWS):
+            put(f"{name}_view{i}", _grey(intensity_unit(_crop(hu[name], *crop), window)), modality="CT", region=region,
+                organ=organ, caption=f"A cropped axial CT slice of the {region}.")
     put("mr_abdomen", _grey(imaging.percentile_normalise(mr_abd)), modality="MRI", region="abdomen", organ="liver",
         caption="An axial MRI slice of the upper abdomen with a marked lesion in the liver.")
     put("mr_small", _grey(imaging.percentile_normalise(mr_small)), modality="MRI", region=None, organ=None,
