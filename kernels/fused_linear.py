@@ -295,6 +295,9 @@ GEMM_TILES = [
 DAR_TILES = [(64, 64, 64, 4, 4)]
 # rank-space outputs (UL: N = R + K) use tiles no wider than this
 _RANK_SIDE_MAX = 128
+# launches reading or writing rows through a token index (grouped plugins) keep the indices live
+# over the K loop: 128x256 spills 40-312 B on sm_80 there (the compile gate), so they stop at 128x128
+_INDEXED_TILE_MAX = 128 * 128
 _SMALL_PROBLEM = 2**30  # M * N * K below this (about 1 GFLOP, microseconds on an H100): fixed tile
 _SPLIT_ALIGN = 16 if INTERPRET else 256  # slices of a split K axis: a multiple of every BLOCK_K
 
@@ -306,8 +309,8 @@ def _tile(bm, bn, bk, warps, stages, group_m=8):
 def _gemm_tiles(M, N, K, n_cap=None, tiles=GEMM_TILES):
     if INTERPRET:  # small tiles: several tiles and K steps even on the tests' tiny shapes
         return [_tile(16, 16, 16, 4, 1, group_m=2)]
-    if M * N * K < _SMALL_PROBLEM:  # decode steps: 16 rows with 2 stages (3 spill in the ul GEMM)
-        return [_tile(16, 64, 64, 4, 2) if M <= 16 else _tile(64, 64, 64, 4, 3)]
+    if M * N * K < _SMALL_PROBLEM:  # decode steps: 16 rows, K 32, 2 stages (K 64 spilled 8-32 B in ptxas)
+        return [_tile(16, 64, 32, 4, 2) if M <= 16 else _tile(64, 64, 64, 4, 3)]
     m_cap = max(32, triton.next_power_of_2(M))
     n_cap = min(n_cap or 1 << 30, max(32, triton.next_power_of_2(N)))
     kept = [_tile(*t) for t in tiles if t[0] <= m_cap and t[1] <= n_cap]
@@ -409,6 +412,8 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic,
              "a1" in idx_on, "c" in idx_on, "b1k" in idx_on)
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
+    if idx is not None:
+        tiles = [t for t in tiles if t[0] * t[1] <= _INDEXED_TILE_MAX] or tiles[-1:]
     _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles), key,
                 reset if atomic else None))
 

@@ -1,6 +1,6 @@
 """Compile gate: every Triton kernel, at every tile the tuner may choose for the HealthGPT-M3
 projections (qkv 3072->9216, o 3072->3072, gate_up 3072->16384, down 8192->3072; R=64 and R=256
-with k=4, stacked 64+256, k=32; a training batch and a decode step; both strategies, with and
+with k=4, 64+256 stacked and grouped, k=32; a training batch and a decode step; both strategies, with and
 without dropout), compiled ahead of time on the CPU for sm_90a (H100/H200) and sm_80 (A100).
 
 The launches are the launchers' own (``hlora.kernels.compile_gate.plan`` records them on meta
