@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from healthgpt.training.demo import QUICK, add_demo_arguments, demo, loss_fell, majority_baseline, run_demo
+from healthgpt.training.demo import QUICK, add_demo_arguments, check_goals, demo, loss_fell, majority_baseline, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -68,9 +68,11 @@ def test_short_demo_learns_and_reports_the_table(tmp_path, capsys):
     assert [r["model"] for r in table] == ["untrained", "stage 1", "stage 2", "stage 3"]
     for r in table:
         assert 0 <= r["closed"] <= 100 and 0 <= r["open_recall"] <= 100 and -1 <= r["ssim"] <= 1 and r["psnr"] > 0
-    # learns at all: the untrained model gives no yes/no answer; after stage 3 it answers held-out closed
-    # questions (a short run reaches the answer prior, not the image: the default run's goals go further)
-    assert table[0]["closed"] < table[-1]["closed"]
+    # learns at all: the untrained model names no held-out modality/body part/organ and draws noise; after
+    # stage 2 (the fusion layer) it names some and draws images closer to the held-out targets (a short run
+    # reaches the answer prior and the mean image, not the goals: benchmarks/RESULTS.md)
+    assert table[0]["open_recall"] < max(r["open_recall"] for r in table[2:])
+    assert table[0]["ssim"] < table[2]["ssim"]
     with open(summary["scores"][-1]["predictions"]["vqa"]) as f:
         assert len(f.readlines()) == summary["scores"][-1]["n_closed"] + summary["scores"][-1]["n_open"]
     assert json.load(open(out / "summary.json"))["table"] == table
@@ -100,6 +102,18 @@ def test_subcommands_register_with_the_healthgpt_cli():
     assert (args.stage, args.task, args.preset, args.func.__name__) == (3, "gen", "m3", "run_train")
     assert parser.parse_args(["demo"]).func.__name__ == "run_demo"
     assert parser.parse_args(["data", "convert", "ixi", "/x", "--out", "y.json"]).func.__name__ == "run_data"
+
+
+def test_goals_answering_the_majority_class_is_not_above_the_baseline():
+    """16 of 28 right: the scorer's 57.1429 % against the exact 57.142857 % baseline is no gain; 17 of 28 is."""
+    untrained = {"closed": 0.0, "ssim": 0.05}
+    baseline = 100 * 16 / 28
+    met = check_goals(untrained, {"closed": round(baseline, 4), "ssim": 0.1499}, baseline)
+    assert list(met.values()) == [True, False, False]
+    met = check_goals(untrained, {"closed": round(100 * 17 / 28, 4), "ssim": 0.1501}, baseline)
+    assert list(met.values()) == [True, True, True]
+    assert not check_goals({"closed": 30.0, "ssim": 0.0}, {"closed": 59.9, "ssim": 0.0}, 50.0)[
+        f"closed accuracy >= untrained + {30:g} points"]
 
 
 def test_kmeans_finds_separated_clusters_and_its_centres_are_their_means():

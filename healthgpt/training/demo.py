@@ -5,8 +5,9 @@
    held-out split no stage ever sees (other volume slices, other crops and windows of the CT slices,
    the other half of the fundus and pathology pictures; the split is printed),
 2. builds the ``tiny`` HealthGPT preset (random weights) and gives its random image tokenizer a short
-   reconstruction pretraining on the training images only (``healthgpt.training.vq_pretrain``: the
-   real model's VQGAN is pretrained and frozen too; a random one decodes any code to noise),
+   pretraining on the training images only (``healthgpt.training.vq_pretrain``: autoencoder, k-means
+   codebook, decoder fit; the real model's VQGAN is pretrained and frozen too; a random one decodes
+   any code to noise),
 3. scores the held-out split with the evaluation suite's own code (what ``healthgpt eval`` runs:
    ``runner.run_text``/``run_image``, ``scoring.score_text_rows``/``score_image_rows``: closed
    accuracy, open recall, SSIM/PSNR/MSE at the tokenizer's resolution) before training and after
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from healthgpt.cli import subcommand
 
 __all__ = ["add_demo_arguments", "run_demo", "register", "demo", "loss_fell", "DemoConfig", "QUICK", "GOALS",
-           "evaluate_heldout", "majority_baseline"]
+           "evaluate_heldout", "majority_baseline", "check_goals"]
 
 STAGES = (
     (1, "mixed", "align"),
@@ -49,16 +50,18 @@ GOALS = {"closed_gain": 30.0, "ssim_gain": 0.10}  # points of closed accuracy ov
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo trains, how long, at which rates. The default aims at ``GOALS``; it has not been shown
-    to reach them (benchmarks/RESULTS.md has what it measured)."""
+    """What the demo trains, how long, at which rates. The default aims at ``GOALS`` within ~330 CPU seconds;
+    it reaches the closed-accuracy gain, not the majority baseline nor the SSIM gain (benchmarks/RESULTS.md
+    has what it measured). Stage 2 (the fusion layer) learns fastest per CPU second, so it gets most steps."""
 
-    steps: tuple = (20, 40, 100)  # optimizer steps of stages 1, 2, 3
+    steps: tuple = (10, 160, 80)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 4  # one micro-batch per step: the 40k-row lm_head over every position sets the step's cost
-    lrs: tuple = ((1e-2, 1e-2), (1e-2, 1e-2), (1e-2, 1e-2))  # (projector lr, lr) per stage
+    lrs: tuple = ((1e-2, 1e-2), (1e-2, 2e-2), (5e-3, 5e-3))  # (projector lr, lr) per stage
     vq_steps: tuple = (300, 200)  # image tokenizer: autoencoder steps, decoder steps on the k-means codebook
     vq_codes: int = 64  # k-means codebook size of the pretrained image tokenizer
     image_size: int = 32  # 4 x 4 = 16 codes per image: the vision tower's 4 x 4 patch grid
     max_new_tokens: int = 12
+    threads: int = 1  # tiny matrices: a second thread (spinning on a shared CPU) costs more CPU time than it saves
 
 
 QUICK = DemoConfig(steps=(10, 30, 30), vq_steps=(60, 40))  # tests: learns something, not the goals
@@ -102,6 +105,17 @@ def majority_baseline(vqa_samples: list) -> tuple:
     closed = [s["answer"] for s in vqa_samples if s["answer_type"] == "closed"]
     answer, count = Counter(closed).most_common(1)[0]
     return 100.0 * count / len(closed), answer
+
+
+def check_goals(untrained: dict, final: dict, baseline: float) -> dict:
+    """``GOALS`` -> ``{goal: met}`` for the untrained and final held-out scores and the majority baseline (%)."""
+    return {
+        f"closed accuracy >= untrained + {GOALS['closed_gain']:g} points": final["closed"] >= untrained["closed"] + GOALS["closed_gain"],
+        # the scorer rounds its percentages to 4 decimals (57.1429 for 16/28) and the baseline is exact: equal
+        # accuracies differ by up to 5e-5 points, one question more is >= 100/len(closed) points
+        "closed accuracy > majority-class baseline": final["closed"] > baseline + 0.01,
+        f"SSIM >= untrained + {GOALS['ssim_gain']:g}": final["ssim"] >= untrained["ssim"] + GOALS["ssim_gain"],
+    }
 
 
 # ---- scoring the held-out split with the evaluation suite -----------------------------------------------
@@ -211,16 +225,36 @@ def _table(rows: list, baseline: float, ceiling: dict) -> str:
     return "\n".join(lines)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (every thread)."""
+    t = os.times()
+    return t.user + t.system
+
+
 # ---- the demo -----------------------------------------------------------------------------------------
 
 
 def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_dir: str | None = None, seed: int = 0,
          progress: bool = False, log=print) -> dict:
-    """Run the demo (module docstring) -> a summary dict (also written to ``out/summary.json``)."""
-    t0 = time.time()
+    """Run the demo (module docstring) with ``config.threads`` torch threads -> a summary dict (also written
+    to ``out/summary.json``)."""
+    import torch  # lazy like the imports in _demo: the CLI parses its arguments without torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _demo(out, config, cache_dir, seed, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progress: bool, log) -> dict:
+    t0, cpu0 = time.time(), _cpu_seconds()
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
     log = log or (lambda *a, **k: None)
+
+    import torch
 
     from healthgpt.data.samples import build_sample_set, default_cache_dir
     from healthgpt.evaluation.data import load_samples
@@ -242,6 +276,7 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
 
     grid = config.image_size // 8
     vq = dict(TINY_VQ, resolution=config.image_size, attn_resolutions=(grid,))  # attention at the code grid, as the real f=8 VQGAN
+    torch.manual_seed(seed)  # the random weights, then the stages (seeded by the Trainer): one seed, one run
     model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=vq))
     train_images = sorted({os.path.join(samples.root, r[k]) for r in rows_of["mixed"] for k in ("image", "target_image") if k in r})
     vq_result = pretrain_image_tokenizer(model.image_tokenizer, train_images, ae_steps=config.vq_steps[0],
@@ -279,12 +314,7 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
         init, model = output, None
 
     first_row, final = scores[0], scores[-1]
-    goals = {
-        f"closed accuracy >= untrained + {GOALS['closed_gain']:g} points": final["closed"] >= first_row["closed"] + GOALS["closed_gain"],
-        # the two percentages come from different sums: equal accuracies may differ in the last bit
-        "closed accuracy > majority-class baseline": final["closed"] > baseline + 1e-6,
-        f"SSIM >= untrained + {GOALS['ssim_gain']:g}": final["ssim"] >= first_row["ssim"] + GOALS["ssim_gain"],
-    }
+    goals = check_goals(first_row, final, baseline)
     panel = _panel(first_row, final, os.path.join(out, "heldout_panel.png"))
     curves = _plot_all([(f"stage {s['stage']}: {_SHORT[s['stage']]}", read_loss_log(s["output"])) for s in stages],
                        os.path.join(out, "loss_curves.png"))
@@ -296,7 +326,7 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
         f"{final['psnr']:.2f} dB (the tokenizer's own reconstruction of the targets: SSIM {ceiling['ssim']:.3f})",
     ]
     summary = {
-        "out": out, "seconds": round(time.time() - t0, 1), "config": asdict(config), "seed": seed,
+        "out": out, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1), "config": asdict(config), "seed": seed,
         "sample_set": samples.root, "split": samples.split, "heldout": {"vqa": samples.heldout_vqa, "gen": samples.heldout_gen},
         "table": table, "scores": scores, "majority_baseline": {"closed": baseline, "answer": majority},
         "image_tokenizer": {**asdict(vq_result), "ceiling": ceiling}, "goals": goals, "learned": learned,
@@ -323,7 +353,7 @@ def demo(out: str = "healthgpt-demo", config: DemoConfig = DemoConfig(), cache_d
     for line in learned:
         log(f"  {line}")
     log(f"  panel: {panel}; loss curves: {curves}; table: {os.path.join(out, 'summary.json')}")
-    log(f"  total {summary['seconds']:.0f}s")
+    log(f"  total {summary['seconds']:.0f}s ({summary['cpu_seconds']:.0f} CPU s)")
     return summary
 
 
