@@ -24,6 +24,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 import hlora
 from hlora.quantized import quantize_4bit
+from hlora.routing import Routing
 
 from healthgpt.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, TASKS
 from healthgpt.data.dataset import Collator
@@ -156,6 +157,12 @@ class HealthGPT(nn.Module):
 
     # ---- training controls ------------------------------------------------------------------------
 
+    # True: every batch runs every plugin and projector, in the same order, on its tokens/images of
+    # that task (maybe none): the same autograd graph on every process whatever its batch's tasks, so
+    # every parameter gets a gradient (zeros when unused) in the same order. DeepSpeed ZeRO reduces
+    # gradients in buckets filled in that order (``healthgpt train --deepspeed`` sets it).
+    run_every_part: bool = False
+
     def set_trainable(self, plugins=(), projectors=(), fusion: bool = False) -> None:
         """Freeze everything, then train the named plugins and projectors and, with ``fusion``, the
         embeddings + lm_head (the paper's stage-2 "fusion layer"). The vision tower and the image
@@ -216,7 +223,14 @@ class HealthGPT(nn.Module):
 
     def route(self, tasks: list) -> None:
         """Route the LLM's plugins: one task for all samples, or one per sample."""
-        hlora.set_task(self.llm, tasks[0] if len(set(tasks)) == 1 else list(tasks))
+        if not self.run_every_part:
+            hlora.set_task(self.llm, tasks[0] if len(set(tasks)) == 1 else list(tasks))
+            return
+        hlora.set_task(self.llm, list(tasks))
+        names = hlora.get_config(self.llm).plugin_names
+        routing = Routing(tuple(range(len(names))), torch.tensor([names.index(t) for t in tasks], dtype=torch.int64))
+        for layer in hlora.adapter_layers(self.llm):
+            layer.set_routing(routing)
 
     # ---- model --------------------------------------------------------------------------------------
 
@@ -228,14 +242,19 @@ class HealthGPT(nn.Module):
         with torch.set_grad_enabled(grad):
             states = self.vision(images.to(self.device, vision_dtype), output_hidden_states=True).hidden_states
         parts, order = [], []
-        for task in dict.fromkeys(tasks):
+        for task in TASKS if self.run_every_part else dict.fromkeys(tasks):
             idx = [i for i, t in enumerate(tasks) if t == task]
             feats = states[self.healthgpt_config.visual_layers[task]][idx, 1:]
             proj = self.projectors[task]
             parts.append(proj(feats.to(proj[0].weight.dtype)))
             order += idx
         out = torch.cat(parts)
-        return out[torch.argsort(torch.tensor(order, device=out.device))]
+        return out[torch.argsort(torch.tensor(order, dtype=torch.long, device=out.device))]
+
+    def _projectors_on_no_rows(self) -> torch.Tensor:
+        """Exactly 0, through every projector on zero rows (``run_every_part`` without images)."""
+        rows = torch.zeros(0, self.vision.config.hidden_size, device=self.device)
+        return sum(self.projectors[t](rows.to(self.projectors[t][0].weight.dtype)).sum() for t in TASKS)
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor | None, tasks: list) -> torch.Tensor:
         """Token embeddings with every run of ``num_image_tokens`` ``IMAGE_TOKEN_INDEX`` positions
@@ -246,7 +265,7 @@ class HealthGPT(nn.Module):
         if images is None:
             if any(per_sample):
                 raise ValueError("input_ids hold image positions but no images were given")
-            return embeds
+            return embeds + self._projectors_on_no_rows() if self.run_every_part else embeds
         P = self.num_image_tokens
         if any(c % P for c in per_sample):
             raise ValueError(f"each sample's image positions must come in runs of {P}, got counts {per_sample}")
@@ -254,7 +273,7 @@ class HealthGPT(nn.Module):
         if sum(counts) != images.shape[0]:
             raise ValueError(f"input_ids hold {sum(counts)} image placeholders but {images.shape[0]} images were given")
         if not sum(counts):
-            return embeds
+            return embeds + self._projectors_on_no_rows() if self.run_every_part else embeds
         image_tasks = [t for t, c in zip(tasks, counts) for _ in range(c)]
         feats = self.encode_images(images, image_tasks).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), feats)

@@ -3,18 +3,15 @@
 Nothing trains as something else: an engine option that cannot run as asked stops the run with
 ``EngineError`` naming why and what to use instead.
 
-- **DeepSpeed** (deepspeed 0.19.8 through the HF Trainer; tried on CPU processes with
-  ``DS_ACCELERATOR=cpu`` and gloo; causes in ``configs/README.md``, with file and line):
-  ZeRO-3 is refused everywhere: ``zero.Init`` partitions the LLM's weights while it is built, and
-  HealthGPT's constructor then injects the H-LoRA plugins, which read ``base.weight.shape``
-  (``hlora/layer.py``, ``AdapterLayer.__init__``: a partitioned weight is ``[0]``). ZeRO-2 is refused where a run trains
-  per-task parts of both tasks on mixed batches (stage 2, stage 3 ``--task mixed``): a rank whose
-  micro-batch holds one task gives the other task's plugin and projector no gradient, so their
-  gradient hooks never fire, the ranks' reduction buckets differ (``deepspeed/runtime/zero/
-  stage_1_and_2.py``) and the collective aborts (gloo: "4096 vs 2560. Received data size doesn't
-  match expected size"; NCCL would hang). On CPU processes every DeepSpeed run is refused: besides
-  the above, accelerate does not start ``deepspeed.comm`` for CPU processes, and the CPU
-  accelerator JIT-compiles its shm op (~15 minutes) on first use. ``--fsdp`` covers all of these.
+- **DeepSpeed** (deepspeed 0.19.8 through the HF Trainer; causes in ``configs/README.md``, with file
+  and line): ZeRO-2 runs on GPUs and on CPU processes (gloo; ``healthgpt.training.run`` starts
+  ``deepspeed.comm``, which accelerate leaves unstarted on CPUs), mixed batches included: the run sets
+  ``HealthGPT.run_every_part``, so every process runs every plugin and projector (on zero rows when
+  its micro-batch has none of that task) and produces the same gradients in the same order, which
+  ZeRO-2's gradient buckets need. ZeRO-3 is refused everywhere: ``zero.Init`` partitions the LLM's
+  weights while it is built, and HealthGPT's constructor then reads and writes them (the new
+  vocabulary rows, ``resize_embeddings_with_mean``; the H-LoRA injection reads ``base.weight.shape``,
+  ``[0]`` once partitioned). ``--fsdp`` shards parameters instead.
 - **FSDP** (``--fsdp``) is our FSDP2 engine (``healthgpt.training.fsdp``) on every device: the model
   is sharded before the Trainer sees it (accelerate 1.15 keeps DDP for CPU processes whatever its
   FSDP plugin says, so the Trainer's own FSDP would train unsharded there), with the options of
@@ -29,24 +26,14 @@ import json
 import os
 
 __all__ = ["EngineError", "check_engine", "load_deepspeed_config", "load_fsdp_config", "fsdp_engine_options",
-           "CONFIGS_DIR", "DEEPSPEED_ON_CPU", "ZERO3_BUILD", "ZERO2_MIXED"]
+           "CONFIGS_DIR", "ZERO3_BUILD"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-DEEPSPEED_ON_CPU = (
-    "--deepspeed does not run HealthGPT on CPU processes: accelerate does not start deepspeed.comm for CPU processes "
-    "(ZeRO-3's zero.Init then reads a world size of 1: 'train_batch_size is not equal to micro_batch_per_gpu * "
-    "gradient_acc_step * world_size'), and ZeRO-2 aborts on mixed batches (see healthgpt/training/configs/README.md); "
-    "use --fsdp, which shards CPU processes over gloo")
 ZERO3_BUILD = (
     "--deepspeed with ZeRO-3 cannot build HealthGPT: zero.Init partitions the LLM's weights while the model is built, "
-    "and the H-LoRA plugins injected next need each base weight's shape (hlora/layer.py reads base.weight.shape, [0] "
-    "once partitioned); use --fsdp (FSDP2 shards after building) or ZeRO-2")
-ZERO2_MIXED = (
-    "--deepspeed with ZeRO-2 on mixed batches: a process whose micro-batch holds one task gives the other task's "
-    "plugin and projector no gradient, so DeepSpeed's gradient buckets differ between processes and the reduction "
-    "aborts or hangs (healthgpt/training/configs/README.md); use --fsdp (it reduces zeros for unused parameters), "
-    "or train one task per run (--task comp / gen)")
+    "and the constructor then reads and writes them (the new vocabulary rows; the H-LoRA plugins read each base "
+    "weight's shape, [0] once partitioned: hlora/layer.py); use --fsdp (FSDP2 shards after building) or ZeRO-2")
 # The keys transformers' TrainingArguments documents for ``fsdp_config`` (FSDP2).
 FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing", "cpu_ram_efficient_loading",
              "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params"}
@@ -63,10 +50,9 @@ class EngineError(ValueError):
     """An engine option that cannot run as asked; the message says why and what to use."""
 
 
-def check_engine(*, fsdp: bool, deepspeed: str | None, use_cpu: bool, fp16: bool = False, mixed_parts: bool = False,
-                 environ=None) -> None:
+def check_engine(*, fsdp: bool, deepspeed: str | None, fp16: bool = False, environ=None) -> None:
     """Raise ``EngineError`` for a combination that would not run as asked (module docstring).
-    ``mixed_parts``: the run trains per-task parts of both tasks on batches that mix them. ``environ`` (default ``os.environ``): an ``accelerate launch`` with an FSDP or DeepSpeed config
+    ``environ`` (default ``os.environ``): an ``accelerate launch`` with an FSDP or DeepSpeed config
     would hand the sharding to accelerate (which keeps DDP on CPU processes): refused, the engine
     options of ``healthgpt train`` choose it."""
     environ = os.environ if environ is None else environ
@@ -76,17 +62,11 @@ def check_engine(*, fsdp: bool, deepspeed: str | None, use_cpu: bool, fp16: bool
                               f"itself; launch with configs/accelerate_multinode.yaml (or torchrun) and pass {flag}")
     if fsdp and deepspeed:
         raise EngineError("--fsdp and --deepspeed are two sharding engines: pass one")
-    if deepspeed and use_cpu:
-        raise EngineError(DEEPSPEED_ON_CPU)
     if fsdp and fp16:
         raise EngineError("--fsdp with --fp16: the FSDP engine has no sharded gradient scaler, so fp16 gradients could "
                           "underflow; use --bf16 (bf16 compute, fp32 master weights)")
-    if deepspeed:
-        stage = load_deepspeed_config(deepspeed)["zero_optimization"]["stage"]
-        if stage == 3:
-            raise EngineError(ZERO3_BUILD)
-        if mixed_parts:
-            raise EngineError(ZERO2_MIXED)
+    if deepspeed and load_deepspeed_config(deepspeed)["zero_optimization"]["stage"] == 3:
+        raise EngineError(ZERO3_BUILD)
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -131,7 +131,11 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
         except fsdp.FSDPError as e:
             raise TrainError(str(e)) from None
 
+    if args.deepspeed is not None and targs.use_cpu:
+        start_deepspeed_comm()
     model, source, rebuild = build_model(args, preset, model, model_overrides, say)
+    # ZeRO reduces gradients in buckets filled as the backward produces them: the same graph on every process
+    model.run_every_part = args.deepspeed is not None
     merged = sorted({layer.merged for layer in adapter_layers(model.llm) if layer.merged is not None})
     if merged:  # training would update plugin weights the merged base already holds: a later unmerge corrupts it
         raise TrainError(f"plugin {merged[0]!r} is merged into the model's base weights: call hlora.unmerge(model.llm) "
@@ -305,8 +309,7 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
     if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
         raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
     try:  # an engine that cannot run as asked stops here rather than train as something else
-        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, use_cpu=use_cpu, fp16=args.fp16,
-                     mixed_parts=args.task == "mixed" and len(set(plan.plugins) | set(plan.projectors)) > 1)
+        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, fp16=args.fp16)
     except EngineError as e:
         raise TrainError(str(e)) from None
     if args.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
@@ -366,6 +369,15 @@ def fsdp_options(args: TrainArguments) -> dict | None:
         return fsdp_engine_options(load_fsdp_config(args.fsdp_config or os.path.join(CONFIGS_DIR, "fsdp.json")))
     except EngineError as e:
         raise TrainError(str(e)) from None
+
+
+def start_deepspeed_comm() -> None:
+    """``--deepspeed`` on CPU processes: accelerate's CPU state never starts ``deepspeed.comm`` (on
+    GPUs it does), so ZeRO-3's ``zero.Init`` would see a world size of 1; start it on the process
+    group the Trainer's arguments opened (gloo), before the model is built."""
+    import deepspeed  # optional: present whenever --deepspeed runs (trainer_arguments checked)
+
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 # ---- 6. the model ---------------------------------------------------------------------------------
