@@ -9,6 +9,14 @@ launchers ``fused_linear.py`` (imported on the first call), the ahead-of-time co
 ``compile_gate.py``; ``README.md`` lists every launch. Nothing here imports ``hlora``.
 """
 
-from .ops import fused_hlora_linear, grouped_hlora_linear, hlora_adapter_add
+if __name__ == "hlora.kernels":
+    from .ops import fused_hlora_linear, grouped_hlora_linear, hlora_adapter_add
 
-__all__ = ["fused_hlora_linear", "grouped_hlora_linear", "hlora_adapter_add"]
+    __all__ = ["fused_hlora_linear", "grouped_hlora_linear", "hlora_adapter_add"]
+else:
+    # Imported as a top-level `kernels` (the repository root on sys.path: `python -c` or `python -m pytest` in
+    # the checkout). transformers and bitsandbytes probe that name for Hugging Face's kernel hub and import
+    # it; define nothing, and look like what transformers treats as a folder shadowing a package (no
+    # __file__, no version), so both find the hub absent instead of taking this folder and registering
+    # its custom ops a second time. (An ImportError here would break `import transformers` instead.)
+    __file__ = None

@@ -56,3 +56,20 @@ def test_reference_imports_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "-60.0"
+
+
+def test_the_folder_seen_as_a_top_level_kernels_is_not_taken_for_the_hub():
+    """With the checkout's root on sys.path (``python -c`` / ``python -m pytest`` there), ``kernels/`` is
+    importable as a top-level ``kernels``: transformers' probe for Hugging Face's kernel hub must find it
+    absent, and importing it must define nothing (its ops are registered once, by ``hlora.kernels``)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(KERNELS_DIR.parent)!r})\n"
+        "import torch, hlora.kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import kernels\n"
+        "print(is_kernels_available(), kernels is hlora.kernels, hasattr(kernels, 'fused_hlora_linear'),\n"
+        "      'kernels.ops' in sys.modules, torch.ops.hlora.fused_fwd.default._schema.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False", "False", "hlora::fused_fwd"]
