@@ -26,6 +26,13 @@ def _imported_modules(path: pathlib.Path):
                 yield ".".join(parts + ([node.module] if node.module else []))
 
 
+def _run(code: str) -> str:
+    """``code`` in a fresh interpreter -> its stdout (its stderr in the failure message)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_kernels_import_nothing_from_hlora():
     files = sorted(KERNELS_DIR.glob("*.py"))
     assert any(f.name == "ops.py" for f in files)
@@ -53,9 +60,7 @@ def test_reference_imports_without_triton():
         "assert hlora.functional.router_gates is router_gates\n"
         "print(GATE_LOG_FLOOR)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "-60.0"
+    assert _run(code).strip() == "-60.0"
 
 
 def test_the_folder_seen_as_a_top_level_kernels_is_not_taken_for_the_hub():
@@ -70,6 +75,4 @@ def test_the_folder_seen_as_a_top_level_kernels_is_not_taken_for_the_hub():
         "print(is_kernels_available(), kernels is hlora.kernels, hasattr(kernels, 'fused_hlora_linear'),\n"
         "      'kernels.ops' in sys.modules, torch.ops.hlora.fused_fwd.default._schema.name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "False", "False", "hlora::fused_fwd"]
+    assert _run(code).split() == ["False", "False", "False", "False", "hlora::fused_fwd"]
