@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .config import PluginConfig
 from .functional import hlora_linear, hlora_mixture, router_gates
-from .routing import Routing
+from .routing import Routing, renumber
 
 __all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable"]
 
@@ -294,9 +294,7 @@ def _held_only(names: list, token_plugin, held) -> tuple:
         return [], None
     if token_plugin is None:  # one plugin for the whole batch, and this layer holds it
         return [names[keep[0]]], None
-    remap = torch.full((len(names) + 1,), -1, dtype=token_plugin.dtype, device=token_plugin.device)  # [-1] stays -1
-    remap[torch.tensor(keep, device=token_plugin.device)] = torch.arange(len(keep), dtype=token_plugin.dtype, device=token_plugin.device)
-    return [names[i] for i in keep], remap[token_plugin]
+    return [names[i] for i in keep], renumber(token_plugin, keep, len(names))
 
 
 def _stack(tensors, dim=0):

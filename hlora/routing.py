@@ -7,7 +7,16 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Routing", "TokenGroups"]
+__all__ = ["Routing", "TokenGroups", "renumber"]
+
+
+def renumber(index: torch.Tensor, kept, size: int) -> torch.Tensor:
+    """``index`` (values in [-1, size)) with the values in ``kept`` renumbered 0, 1, ... in that order and
+    every other value, -1 included, mapped to -1."""
+    remap = torch.full((size + 1,), -1, dtype=index.dtype, device=index.device)  # the last slot maps -1 to -1
+    remap[torch.as_tensor(kept, dtype=torch.int64, device=index.device)] = torch.arange(
+        len(kept), dtype=index.dtype, device=index.device)
+    return remap[index]
 
 
 class TokenGroups(NamedTuple):
@@ -55,9 +64,7 @@ class Routing:
             return None
         if len(active) == 1 and bool((ids == active[0]).all()):
             return cls(active, batch=ids.numel())
-        remap = torch.full((max(active) + 2,), -1, dtype=torch.int64)  # the last slot maps -1 to -1
-        remap[torch.tensor(active)] = torch.arange(len(active))
-        return cls(active, remap[ids])
+        return cls(active, renumber(ids.to(torch.int64), active, max(active) + 1))
 
     def token_plugin(self, x: torch.Tensor) -> torch.Tensor | None:
         """[T] index into ``active`` for each token of ``x`` [batch, ..., d] (batch first)."""
@@ -88,9 +95,7 @@ class Routing:
         if key not in self._cache:
             per_token = self._per_token(x)
             if keep is not None:
-                remap = torch.full((len(self.active) + 1,), -1, dtype=torch.int64)  # the last slot maps -1 to -1
-                remap[torch.tensor(keep, dtype=torch.int64)] = torch.arange(len(keep))
-                per_token = remap[per_token]
+                per_token = renumber(per_token, keep, len(self.active))
             num = len(self.active) if keep is None else len(keep)
             self._cache[key] = TokenGroups.from_token_plugin(per_token, num, device=x.device)
         return self._cache[key]
