@@ -176,17 +176,19 @@ def _run(launch: Launch):
 # (the segment's slice of the routing's sort permutation): no gathered copy of x, dy, y or dx.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_kernel(
     a1_ptr, b1_ptr, b1x_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, cin_ptr, c_ptr, c2_ptr, idx_ptr,
-    M, N, K1, K2, K3, N_SPLIT, M_SPLIT, K_SPLIT,
+    h_ptr, tp_ptr, meta_ptr, scale_ptr,
+    M, N, K1, K2, K3, N_SPLIT, M_SPLIT, K_SPLIT, GATE_Q, GATE_R, seed,
     stride_a1m, stride_a1k, stride_b1n, stride_b1k, stride_b1xn, stride_b1xk,
     stride_a2m, stride_a2k, stride_b2n, stride_b2k,
     stride_a3m, stride_a3k, stride_b3n, stride_b3k,
-    stride_cinm, stride_cinn, stride_cm, stride_cn, stride_c2m, stride_c2n,
+    stride_cinm, stride_cinn, stride_cm, stride_cn, stride_c2m, stride_c2n, stride_hm,
     HAS_B1X: tl.constexpr, HAS_A2: tl.constexpr, HAS_A3: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_CIN: tl.constexpr, HAS_C2: tl.constexpr, ATOMIC: tl.constexpr,
     IDX_A1: tl.constexpr, IDX_C: tl.constexpr, IDX_B1K: tl.constexpr,
+    GATE: tl.constexpr, GATE_ROUTING: tl.constexpr, GATE_DROPOUT: tl.constexpr, K_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -279,6 +281,13 @@ def _gemm_kernel(
     else:
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
+    if GATE:  # the tile spans plugin GATE_Q's rank and logit columns: h = gate(UL) from the accumulator
+        tl.debug_barrier()  # the logits just stored (by other threads of this program) are read back
+        h = _gate_forward(acc, c_ptr, tp_ptr, meta_ptr, scale_ptr, offs_m, offs_n, M, stride_cm, GATE_Q, GATE_R,
+                          seed, GATE_ROUTING, GATE_DROPOUT, K_PAD)
+        tl.store(h_ptr + m64[:, None] * stride_hm + n64[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N_SPLIT))
+
 
 # Tiles for H100 / H200 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Large problems (the training
 # shapes) choose among them by timing once per shape bucket; small ones (decode steps) use one
@@ -295,6 +304,9 @@ GEMM_TILES = [
 DAR_TILES = [(64, 64, 64, 4, 4)]
 # rank-space outputs (UL: N = R + K) use tiles no wider than this
 _RANK_SIDE_MAX = 128
+# a plugin whose R_p + k_p columns fit one tile this wide (rounded up to a power of two) gets its
+# gate in the UL GEMM's epilogue and its gate backward in the dy pass's (``_gate_in_epilogue``)
+GATE_EPILOGUE_MAX = _RANK_SIDE_MAX
 # launches reading or writing rows through a token index (grouped plugins) keep the indices live
 # over the K loop: 128x256 spills 40-312 B on sm_80 there (the compile gate), so they stop at 128x128
 _INDEXED_TILE_MAX = 128 * 128
@@ -335,8 +347,45 @@ def _split_for(M: int, N: int, tokens_bucket: int, device: torch.device) -> int:
     return max(1, min(2 * sms // tiles, tokens_bucket // 512))
 
 
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """Plugin ``q``'s gate run in a kernel's epilogue (``gemm(..., gate=, h=)``, ``dh_db(..., gate=,
+    ul=)``): its row of the gate table ``meta`` / ``scale`` (``_plugin_meta``), its expert count,
+    the routing tensor (stacked plugins, else None), the dropout stream's row width and seed."""
+
+    meta: torch.Tensor
+    scale: torch.Tensor
+    q: int
+    experts: int
+    token_plugin: Optional[torch.Tensor]
+    R: int
+    seed: int
+    dropout: bool
+
+    def args(self):
+        return dict(tp_ptr=self.token_plugin if self.token_plugin is not None else self.meta, meta_ptr=self.meta,
+                    scale_ptr=self.scale, GATE_Q=self.q, GATE_R=self.R, seed=self.seed)
+
+    def consts(self):
+        return dict(GATE=True, GATE_ROUTING=self.token_plugin is not None, GATE_DROPOUT=self.dropout,
+                    K_PAD=_k_pad(self.experts))
+
+
+_NO_GATE_CONSTS = dict(GATE=False, GATE_ROUTING=False, GATE_DROPOUT=False, K_PAD=2)
+
+
+def _no_gate_args(dummy):
+    return dict(tp_ptr=dummy, meta_ptr=dummy, scale_ptr=dummy, GATE_Q=0, GATE_R=0, seed=0)
+
+
+def _gate_in_epilogue(rank: int, experts: int) -> bool:
+    """Whether plugin's gate runs in the epilogues: one output tile spans its R_p + k_p columns."""
+    return triton.next_power_of_2(rank + experts) <= GATE_EPILOGUE_MAX
+
+
 def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3=None, b3=None, bias=None,
-         cin=None, out2=None, atomic=False, dot_dtype, n_cap=None, tiles=GEMM_TILES, idx=None, idx_on=()):
+         cin=None, out2=None, atomic=False, dot_dtype, n_cap=None, tiles=GEMM_TILES, idx=None, idx_on=(), gate=None,
+         h=None):
     """out[M, N] = a1 @ b1^T (+ a2 @ b2^T) (+ a3 @ b3^T) (+ bias) (+ cin), any strides (pass
     transposed views freely). ``b1x``: rows n >= n_split of B1 are ``b1x[n - n_split]``. ``out2``:
     rows m >= out.shape[0] of the product go to ``out2[m - out.shape[0]]``. ``atomic``: the
@@ -345,9 +394,16 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     key's bucket. Products in ``dot_dtype``, accumulation in float32.
     ``idx`` (int32, one token index per product row, or per K1 step for ``"b1k"``) with ``idx_on``
     naming what it indexes: ``"a1"`` (A1's rows), ``"c"`` (the rows of out and cin), ``"b1k"``
-    (B1's K index): one plugin's row segment of a grouped batch; M (or K1) is then ``len(idx)``."""
+    (B1's K index): one plugin's row segment of a grouped batch; M (or K1) is then ``len(idx)``.
+    ``gate`` (a ``Gate``): out is one plugin's UL = x [A_p; router_p]^T (float32, n_split = R_p,
+    contiguous rows) and the epilogue also writes h = gate(UL) into ``h`` [M, R_p] (the tile spans
+    all N columns)."""
     if (idx is None) != (not idx_on) or not set(idx_on) <= {"a1", "c", "b1k"}:
         raise ValueError(f"idx_on={idx_on!r} needs an index tensor and names only a1, c, b1k")
+    if gate is not None and (h is None or out.dtype != torch.float32 or out.stride(1) != 1 or b1x is None
+                             or atomic or out2 is not None or "c" in idx_on or a2 is not None or bias is not None
+                             or cin is not None):
+        raise ValueError("a gate epilogue needs h and writes one plugin's float32 UL = x [A; router]^T alone")
     m_split = out.shape[0] if "c" not in idx_on else idx.shape[0]
     if out2 is not None and "c" in idx_on:
         raise ValueError("a row-split output is never written through an index")
@@ -383,6 +439,8 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
         a3_ptr=a3 if a3 is not None else dummy, b3_ptr=b3 if b3 is not None else dummy,
         bias_ptr=bias if bias is not None else dummy, cin_ptr=cin if cin is not None else dummy,
         c_ptr=out, c2_ptr=out2 if out2 is not None else out, idx_ptr=idx if idx is not None else dummy,
+        h_ptr=h if gate is not None else dummy,
+        **(gate.args() if gate is not None else _no_gate_args(dummy)),
         M=M, N=N, K1=K1, K2=K2, K3=K3, N_SPLIT=n_split, M_SPLIT=m_split, K_SPLIT=k_split,
     )
     names = ["a1", "b1", "b1x", "a2", "b2", "a3", "b3", "cin", "c", "c2"]
@@ -391,10 +449,13 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
         first, second = ("m", "k") if name[0] == "a" else ("n", "k") if name[0] == "b" else ("m", "n")
         s = strides(t)
         args[f"stride_{name}{first}"], args[f"stride_{name}{second}"] = s
+    args["stride_hm"] = h.stride(0) if gate is not None else 0
+    args = {name: args[name] for name in _gemm_kernel.arg_names if name in args}  # the kernel's order
     consts = dict(
         HAS_B1X=b1x is not None, HAS_A2=a2 is not None, HAS_A3=a3 is not None, HAS_BIAS=bias is not None,
         HAS_CIN=cin is not None, HAS_C2=out2 is not None, ATOMIC=atomic,
         IDX_A1="a1" in idx_on, IDX_C="c" in idx_on, IDX_B1K="b1k" in idx_on,
+        **(gate.consts() if gate is not None else _NO_GATE_CONSTS),
         DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
         PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32",
     )
@@ -411,11 +472,17 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     shape = (M, N) if atomic else (N, K1)  # the token axis: K1 for weight gradients, M otherwise
     flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic,
              "a1" in idx_on, "c" in idx_on, "b1k" in idx_on)
+    if gate is not None:
+        flags += (True, gate.token_plugin is not None, gate.dropout, gate.experts)
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
     if idx is not None:
         tiles = [t for t in tiles if t[0] * t[1] <= _INDEXED_TILE_MAX] or tiles[-1:]
-    _run(Launch(role, _gemm_kernel, grid, args, consts, _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles), key,
-                reset if atomic else None))
+    candidates = _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles)
+    if gate is not None:  # one column tile spans the plugin's rank and logit columns
+        width = max(16, triton.next_power_of_2(N))
+        candidates = list({tile_name(t): t for t in (dict(t, BLOCK_N=max(t["BLOCK_N"], width))
+                                                     for t in candidates)}.values())
+    _run(Launch(role, _gemm_kernel, grid, args, consts, candidates, key, reset if atomic else None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,12 +494,14 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 # the float32 dB accumulator with atomics (dB, N x R floats, stays in L2).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dh_db_kernel(
-    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, idx_ptr,
-    T, N, R,
-    stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db,
-    HAS_DB: tl.constexpr, IDX_DY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, idx_ptr, ul_ptr, tp_ptr, meta_ptr, scale_ptr,
+    T, N, R, GATE_Q, GATE_R, seed,
+    stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db, stride_ul,
+    HAS_DB: tl.constexpr, IDX_DY: tl.constexpr,
+    GATE: tl.constexpr, GATE_ROUTING: tl.constexpr, GATE_DROPOUT: tl.constexpr, K_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     num_r = tl.cdiv(R, BLOCK_R)
@@ -465,7 +534,11 @@ def _dh_db_kernel(
             part = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
             tl.atomic_add(db_ptr + n64[:, None] * stride_db + offs_r[None, :], part,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
-    tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
+    if GATE:  # the block holds all of plugin GATE_Q's rank columns: dh goes straight to dUL (dh_ptr)
+        _gate_backward(acc, ul_ptr, dh_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r, T, stride_ul, stride_dh,
+                       GATE_Q, GATE_R, seed, GATE_ROUTING, GATE_DROPOUT, K_PAD)
+    else:
+        tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
 
 
 DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages); BLOCK_T 256 / BLOCK_R 64 spill on sm_80
@@ -475,38 +548,54 @@ DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages); BLOCK_T 256 /
 ]
 
 
-def _dh_db_tiles(T, R):
+def _dh_db_tiles(T, R, whole=False):
+    """Candidate tiles; ``whole``: one rank chunk spans all R columns (the gate epilogue)."""
     r_pow = max(16, triton.next_power_of_2(R))
+
+    def chunk(cap):
+        return r_pow if whole else min(r_pow, cap)
+
     if INTERPRET:
-        return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=min(r_pow, 16), num_warps=4, num_stages=1)]
-    tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=min(r_pow, br), num_warps=w, num_stages=s)
+        return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=chunk(16), num_warps=4, num_stages=1)]
+    tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=chunk(br), num_warps=w, num_stages=s)
              for bt, bn, br, w, s in DH_DB_TILES]
     if T <= 64:
-        return [dict(BLOCK_T=64 if T > 16 else 16, BLOCK_N=64, BLOCK_R=min(r_pow, 64), num_warps=4, num_stages=3)]
+        return [dict(BLOCK_T=64 if T > 16 else 16, BLOCK_N=64, BLOCK_R=chunk(64), num_warps=4, num_stages=3)]
     unique = {tile_name(t): t for t in tiles}
     return list(unique.values())
 
 
-def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None):
+def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None, gate=None, ul=None):
     """dh[T, R] = dy @ B (float32), and db[N, R] += dy^T @ h (float32 accumulator, zeroed by the
-    caller) when ``db`` is given. ``idx`` [T] (grouped plugins): dy's rows are ``dy[idx]``."""
+    caller) when ``db`` is given. ``idx`` [T] (grouped plugins): dy's rows are ``dy[idx]``.
+    ``gate`` (a ``Gate``): B and h are one plugin's, and ``dh`` receives dUL = gate_backward(dh, UL)
+    [T, R + k] (in its dtype) instead of dh, from ``ul`` [T, R + k] (float32), one rank block per row block."""
     T, N = dy.shape if idx is None else (idx.shape[0], dy.shape[1])
     R = B.shape[1]
     if T == 0 or R == 0:
         return
+    if gate is not None and (ul is None or ul.stride(1) != 1 or dh.stride(1) != 1 or ul.dtype != torch.float32):
+        raise ValueError("a gate epilogue reads a contiguous-row float32 UL and writes dUL rows")
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(R, meta["BLOCK_R"]),)
 
     args = dict(dy_ptr=dy, b_ptr=B, h_ptr=h, dh_ptr=dh, db_ptr=db if db is not None else dh,
-                idx_ptr=idx if idx is not None else dh, T=T, N=N, R=R,
+                idx_ptr=idx if idx is not None else dh, ul_ptr=ul if gate is not None else dh,
+                **(gate.args() if gate is not None else _no_gate_args(dh)), T=T, N=N, R=R,
                 stride_dyt=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
-                stride_h=h.stride(0), stride_dh=dh.stride(0), stride_db=db.stride(0) if db is not None else 0)
-    consts = dict(HAS_DB=db is not None, IDX_DY=idx is not None, DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
+                stride_h=h.stride(0), stride_dh=dh.stride(0), stride_db=db.stride(0) if db is not None else 0,
+                stride_ul=ul.stride(0) if gate is not None else 0)
+    args = {name: args[name] for name in _dh_db_kernel.arg_names if name in args}
+    consts = dict(HAS_DB=db is not None, IDX_DY=idx is not None,
+                  **(gate.consts() if gate is not None else _NO_GATE_CONSTS),
+                  DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
                   PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32")
     key = (tuning.token_bucket(T), N, R, str(dot_dtype), db is not None, idx is not None)
-    _run(Launch("dh_db", _dh_db_kernel, grid, args, consts, _dh_db_tiles(T, R), key,
-                (lambda: db.zero_()) if db is not None else None))
+    if gate is not None:
+        key += (True, gate.token_plugin is not None, gate.dropout, gate.experts, str(dh.dtype))
+    _run(Launch("dh_db_gate" if gate is not None else "dh_db", _dh_db_kernel, grid, args, consts,
+                _dh_db_tiles(T, R, whole=gate is not None), key, (lambda: db.zero_()) if db is not None else None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,24 +613,55 @@ def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None):
 
 
 @triton.jit
-def _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q,
-                       HAS_ROUTING: tl.constexpr, K_PAD: tl.constexpr):
-    """softmax of plugin q's logits for a block of tokens, 0 for tokens not routed to q: [BLOCK_T, K_PAD]."""
-    logit_col = tl.load(meta_ptr + 6 * q + 1)
-    k_q = tl.load(meta_ptr + 6 * q + 3)
+def _floored_exp(logits, z_max):
+    """exp(logits - row max), with weights below exp(GATE_LOG_FLOOR) flushed to 0 (``router_gates``)."""
+    z = logits - z_max[:, None]
+    z = tl.where(z < GATE_LOG_FLOOR, float("-inf"), z)
+    return tl.exp(z)
+
+
+@triton.jit
+def _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD: tl.constexpr):
+    """Unnormalised softmax weights [BLOCK_T, K_PAD] of the k_q logits at column ``logit_col`` of
+    each row (``rows``: row offsets in elements), their row max and their sum ([BLOCK_T] each)."""
     offs_e = tl.arange(0, K_PAD)
     e_ok = offs_e < k_q
     logits = tl.load(ul_ptr + rows[:, None] + (logit_col + offs_e)[None, :], mask=t_ok[:, None] & e_ok[None, :],
                      other=0.0)
     z = tl.where(e_ok[None, :], logits, float("-inf"))
-    z = z - tl.max(z, axis=1)[:, None]
-    z = tl.where(z < GATE_LOG_FLOOR, float("-inf"), z)
-    p = tl.exp(z)
-    g = p / tl.sum(p, axis=1)[:, None]
+    z_max = tl.max(z, axis=1)
+    p = _floored_exp(z, z_max)
+    return p, z_max, tl.sum(p, axis=1)
+
+
+@triton.jit
+def _routed(tp_ptr, offs_t, t_ok, q):
+    return tl.load(tp_ptr + offs_t, mask=t_ok, other=-1) == q
+
+
+@triton.jit
+def _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q,
+                       HAS_ROUTING: tl.constexpr, K_PAD: tl.constexpr):
+    """softmax of plugin q's logits for a block of tokens, 0 for tokens not routed to q: [BLOCK_T, K_PAD]."""
+    logit_col = tl.load(meta_ptr + 6 * q + 1)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
+    p, _, total = _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD)
+    g = p / total[:, None]
     if HAS_ROUTING:
-        routed = tl.load(tp_ptr + offs_t, mask=t_ok, other=-1) == q
-        g = tl.where(routed[:, None], g, 0.0)
+        g = tl.where(_routed(tp_ptr, offs_t, t_ok, q)[:, None], g, 0.0)
     return g  # without a routing tensor, every row of plugin q's range is its own
+
+
+@triton.jit
+def _column_gates(ul_ptr, tp_ptr, rows, offs_t, t_ok, cols, col_ok, logit_col, r_q, z_max, total, q,
+                  HAS_ROUTING: tl.constexpr):
+    """The gate of each rank column ``cols`` (plugin-local, 2-D): g[expert cols // r_q], the same
+    arithmetic as ``_load_plugin_gates`` on each column's own expert logit (read back from UL)."""
+    logit = tl.load(ul_ptr + rows[:, None] + logit_col + cols // r_q, mask=t_ok[:, None] & col_ok, other=float("-inf"))
+    g = _floored_exp(logit, z_max) / total[:, None]
+    if HAS_ROUTING:
+        g = tl.where(_routed(tp_ptr, offs_t, t_ok, q)[:, None], g, 0.0)
+    return g
 
 
 @triton.jit
@@ -554,10 +674,77 @@ def _plugin_rows(meta_ptr, q, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _dropout_factor(seed, offs_t, col, R, p_drop):
-    """Philox keep mask scaled by 1 / (1 - p) for columns ``col`` of tokens ``offs_t`` (3-D block)."""
-    rnd = tl.rand(seed, offs_t[:, None, None] * R + col[None, :, :])
+def _dropout_factor(seed, offsets, p_drop):
+    """Philox keep mask scaled by 1 / (1 - p) at stream ``offsets`` (row * R + rank column)."""
+    rnd = tl.rand(seed, offsets)
     return tl.where(rnd >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
+def _gate_forward(acc, ul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_m, offs_n, M, stride_ul, q, R, seed,
+                  HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_PAD: tl.constexpr):
+    """h for a UL GEMM tile (``acc`` [BLOCK_M, BLOCK_N] = plugin q's columns of UL, already stored at
+    ``ul_ptr``, rows ``offs_m``): ``_gate_fwd_kernel``'s values and dropout stream, in the epilogue."""
+    r_off = tl.load(meta_ptr + 6 * q)
+    logit_col = tl.load(meta_ptr + 6 * q + 1)
+    r_q = tl.load(meta_ptr + 6 * q + 2)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
+    first = tl.load(meta_ptr + 6 * q + 4)
+    s_q = tl.load(scale_ptr + 2 * q)
+    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    t_ok = offs_m < M
+    rows = offs_m.to(tl.int64) * stride_ul
+    _, z_max, total = _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD)
+    g = _column_gates(ul_ptr, tp_ptr, rows, offs_m, t_ok, offs_n[None, :], (offs_n < r_q * k_q)[None, :], logit_col,
+                      r_q, z_max, total, q, HAS_ROUTING)
+    h = acc * (g * s_q)
+    if HAS_DROPOUT:
+        h = h * _dropout_factor(seed, (first + offs_m)[:, None] * R + (r_off + offs_n)[None, :], p_drop)
+    return h
+
+
+@triton.jit
+def _gate_backward(dh, ul_ptr, dul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r, T, stride_ul, stride_dul, q, R,
+                   seed, HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_PAD: tl.constexpr):
+    """dUL from a dh block holding all of plugin q's rank columns (``_gate_bwd_kernel``'s math, in
+    the dy pass's epilogue): du = dh s m g[e] and dlogits = g (dg - sum_e g dg), dg[e] = sum over
+    expert e's columns of dh s m u."""
+    r_off = tl.load(meta_ptr + 6 * q)
+    logit_col = tl.load(meta_ptr + 6 * q + 1)
+    r_q = tl.load(meta_ptr + 6 * q + 2)
+    k_q = tl.load(meta_ptr + 6 * q + 3)
+    first = tl.load(meta_ptr + 6 * q + 4)
+    s_q = tl.load(scale_ptr + 2 * q)
+    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    t_ok = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    rows = t64 * stride_ul
+    col_ok = offs_r < r_q * k_q
+    mask = t_ok[:, None] & col_ok[None, :]
+    p, z_max, total = _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD)
+    g = p / total[:, None]
+    if HAS_ROUTING:
+        g = tl.where(_routed(tp_ptr, offs_t, t_ok, q)[:, None], g, 0.0)
+    g_col = _column_gates(ul_ptr, tp_ptr, rows, offs_t, t_ok, offs_r[None, :], col_ok[None, :], logit_col, r_q, z_max,
+                          total, q, HAS_ROUTING)
+    u = tl.load(ul_ptr + rows[:, None] + offs_r[None, :], mask=mask, other=0.0)
+    if HAS_DROPOUT:
+        sm = s_q * _dropout_factor(seed, (first + offs_t)[:, None] * R + (r_off + offs_r)[None, :], p_drop)
+    else:
+        sm = s_q
+    dsm = dh * sm
+    tl.store(dul_ptr + t64[:, None] * stride_dul + offs_r[None, :], (dsm * g_col).to(dul_ptr.dtype.element_ty),
+             mask=mask)
+    prod = dsm * u  # zero past the plugin's columns (u is loaded as 0 there)
+    expert = offs_r // r_q
+    offs_e = tl.arange(0, K_PAD)
+    dg = tl.zeros((dh.shape[0], K_PAD), dtype=tl.float32)
+    for e in range(0, k_q):  # per-expert sums over the expert's r_q columns of the block
+        dg_e = tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1)
+        dg = tl.where(offs_e[None, :] == e, dg_e[:, None], dg)
+    dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
+    tl.store(dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :],
+             dlogits.to(dul_ptr.dtype.element_ty), mask=t_ok[:, None] & (offs_e < k_q)[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -586,7 +773,7 @@ def _gate_fwd_kernel(
         u = tl.load(ul_ptr + rows[:, None, None] + col[None, :, :], mask=mask, other=0.0)
         h = u * g3
         if HAS_DROPOUT:
-            h = h * _dropout_factor(seed, offs_t, col, R, p_drop)
+            h = h * _dropout_factor(seed, offs_t[:, None, None] * R + col[None, :, :], p_drop)
         h_ptrs = h_ptr + offs_t.to(tl.int64)[:, None, None] * stride_h + col[None, :, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -622,7 +809,7 @@ def _gate_bwd_kernel(
         u = tl.load(ul_ptr + rows[:, None, None] + col[None, :, :], mask=mask, other=0.0)
         dh = tl.load(dh_ptr + t64[:, None, None] * stride_dh + col[None, :, :], mask=mask, other=0.0)
         if HAS_DROPOUT:
-            sm = s_q * _dropout_factor(seed, offs_t, col, R, p_drop)
+            sm = s_q * _dropout_factor(seed, offs_t[:, None, None] * R + col[None, :, :], p_drop)
         else:
             sm = s_q
         dsm = dh * sm
@@ -640,11 +827,12 @@ _META_CACHE: dict = {}
 _META_CACHE_SIZE = 256  # grouped tables depend on the batch's counts: the least recently built go first
 
 
-def _plugin_meta(ranks, experts, scales, dropouts, device, counts=None):
+def _plugin_meta(ranks, experts, scales, dropouts, device, counts=None, only=None):
     """The gate kernels' per-plugin table (section comment) as int32 [P, 6] and (scale, dropout) as
     float32 [P, 2], cached per device (no host-to-device copy after the first call). ``counts``:
-    grouped plugins, each plugin's rows; None: stacked."""
-    key = (ranks, experts, scales, dropouts, device, counts)
+    grouped plugins, each plugin's rows; None: stacked. ``only``: the rows of these plugins alone
+    (grouped plugins whose gates do not run in an epilogue)."""
+    key = (ranks, experts, scales, dropouts, device, counts, only)
     if key not in _META_CACHE:
         if len(_META_CACHE) >= _META_CACHE_SIZE:
             _META_CACHE.pop(next(iter(_META_CACHE)))
@@ -656,8 +844,9 @@ def _plugin_meta(ranks, experts, scales, dropouts, device, counts=None):
                 rows.append((0, R_p, R_p // k_p, k_p, first, counts[p]))
                 first += counts[p]
             r_off, k_off = r_off + R_p, k_off + k_p
-        meta = torch.tensor(rows, dtype=torch.int32, device=device)
-        scale = torch.tensor(list(zip(scales, dropouts)), dtype=torch.float32, device=device)
+        kept = range(len(ranks)) if only is None else only
+        meta = torch.tensor([rows[p] for p in kept], dtype=torch.int32, device=device)
+        scale = torch.tensor([(scales[p], dropouts[p]) for p in kept], dtype=torch.float32, device=device)
         _META_CACHE[key] = (meta, scale)
     return _META_CACHE[key]
 
@@ -665,9 +854,13 @@ def _plugin_meta(ranks, experts, scales, dropouts, device, counts=None):
 GATE_BLOCK_ELEMENTS = 2048  # [tokens, k, r] elements per program and rank chunk: no spills (compile gate)
 
 
+def _k_pad(experts: int) -> int:
+    return max(2, triton.next_power_of_2(experts))
+
+
 def _gate_tile(ranks, experts):
     """BLOCK_T, K_PAD, R_CHUNK and warps for the gate kernels."""
-    k_pad = max(2, triton.next_power_of_2(max(experts)))
+    k_pad = _k_pad(max(experts))
     r_max = max(R_p // k_p for R_p, k_p in zip(ranks, experts))
     if INTERPRET:  # small chunks, so the tests exercise the token-block and rank-chunk loops
         return dict(BLOCK_T=4, K_PAD=k_pad, R_CHUNK=2, num_warps=4, num_stages=1)
@@ -689,6 +882,17 @@ def _gate(role, kernel, args, T, rows, R, ranks, experts, dropouts, seed, token_
 
     consts = dict(HAS_ROUTING=token_plugin is not None, HAS_DROPOUT=max(dropouts) > 0)
     _run(Launch(role, kernel, grid, ordered, consts, [tile], ()))
+
+
+def _grouped_gates(role, kernel, args, Tr, R, counts, ranks, experts, scales, dropouts, seed):
+    """One gate kernel launch over the segments of the grouped plugins whose gates are not in an
+    epilogue (``_gate_in_epilogue``); none when all are."""
+    only = tuple(p for p, n in enumerate(counts) if n and not _gate_in_epilogue(ranks[p], experts[p]))
+    if not only:
+        return
+    meta, scale = _plugin_meta(ranks, experts, scales, dropouts, args["ul_ptr"].device, counts=counts, only=only)
+    pick = [ranks[p] for p in only], [experts[p] for p in only], [dropouts[p] for p in only]
+    _gate(role, kernel, args, Tr, max(counts[p] for p in only), R, *pick, seed, None, meta, scale)
 
 
 def _check_launch(x, R, dropouts):
@@ -726,12 +930,17 @@ def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, ex
     _check_launch(x, R, dropouts)
     dt, dev = x.dtype, x.device
     ul = _empty((T, padded(R + K)), torch.float32, dev)
-    gemm("ul", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX)
     h = _empty((T, padded(R)), dt, dev)
-    if T > 0:
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-        _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
-              T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+    meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
+    if len(ranks) == 1 and _gate_in_epilogue(R, K):  # the gate in the UL GEMM's epilogue
+        gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
+        gemm("ul_gate", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX,
+             gate=gate, h=h)
+    else:  # stacked plugins (their columns are not adjacent) or a plugin wider than a tile
+        gemm("ul", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX)
+        if T > 0:
+            _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
+                  T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
     hr = h[:, :R]
     N = B.shape[0]
 
@@ -763,16 +972,20 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
     N = B.shape[0]
     _check_launch(x, R, dropouts)
     dt, dev = x.dtype, x.device
-    dh = _empty((T, padded(R)), torch.float32, dev)
     dB = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_dw else None
-    dh_db(dy, B, h, dh, dB, dot_dtype=dt)  # h: [T, R], rows padded
     dul = _empty((T, padded(R + K)), dt, dev)
-    if T > 0:
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-        _gate("gate_bwd", _gate_bwd_kernel,
-              dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
-                   stride_dul=dul.stride(0)),
-              T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
+    meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
+    if len(ranks) == 1 and _gate_in_epilogue(R, K):  # the gate backward in the dy pass's epilogue: no dh
+        gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
+        dh_db(dy, B, h, dul, dB, dot_dtype=dt, gate=gate, ul=ul)
+    else:
+        dh = _empty((T, padded(R)), torch.float32, dev)
+        dh_db(dy, B, h, dh, dB, dot_dtype=dt)  # h: [T, R], rows padded
+        if T > 0:
+            _gate("gate_bwd", _gate_bwd_kernel,
+                  dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
+                       stride_dul=dul.stride(0)),
+                  T, T, R, ranks, experts, dropouts, seed, token_plugin, meta, scale)
     du, dl = dul[:, :R], dul[:, R : R + K]
 
     def dx_product(how):
@@ -839,15 +1052,19 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
     ul = alloc((Tr, padded(width)), torch.float32, dev)
     alloc = _empty if len(set(ranks)) == 1 else _zeros
     h = alloc((Tr, padded(r_width)), dt, dev)
+    meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
         idx = order[s : s + n]
-        gemm("ul", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
-             n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
-    if Tr:  # one gate launch over every plugin's segment
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
-        _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
-              Tr, max(counts), r_width, ranks, experts, dropouts, seed, None, meta, scale)
+        if _gate_in_epilogue(R_p, k_p):
+            gemm("ul_gate", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
+                 n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",),
+                 gate=Gate(meta, scale, p, k_p, None, r_width, seed, dropouts[p] > 0), h=h[s : s + n])
+        else:
+            gemm("ul", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
+                 n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
+    _grouped_gates("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
+                   Tr, r_width, counts, ranks, experts, scales, dropouts, seed)
     N = Bs[0].shape[0]
     rest = order[Tr:]  # the unrouted tokens: the base alone
 
@@ -909,22 +1126,29 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
     Tr = sum(counts)
     segs = _segments(counts)
     _check_launch(x, max(ranks), dropouts)
-    dh = _empty((Tr, padded(max(ranks))), torch.float32, dev)
+    separate = [p for p, _, _ in segs if not _gate_in_epilogue(ranks[p], experts[p])]
+    # dh only for the plugins whose gate backward is a kernel of its own
+    dh = _empty((Tr, padded(max(ranks))), torch.float32, dev) if separate else None
     dul = _empty((Tr, padded(max(r + k for r, k in zip(ranks, experts)))), dt, dev)
     dAs = dBs = drouters = None
     if need_dw:
         dAs, dBs, drouters = _grad_accumulators([(r, D) for r in ranks], [(N, r) for r in ranks],
                                                 [(k, D) for k in experts], [*As, *Bs, *routers], dev)
+    meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
-        dh_db(dy, Bs[p], h[s : s + n, :R_p], dh[s : s + n, :R_p], dBs[p] if need_dw else None, dot_dtype=dt,
-              idx=order[s : s + n])
-    if Tr:
-        meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
-        _gate("gate_bwd", _gate_bwd_kernel,
-              dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
-                   stride_dul=dul.stride(0)),
-              Tr, max(counts), max(ranks), ranks, experts, dropouts, seed, None, meta, scale)
+        if p in separate:
+            dh_db(dy, Bs[p], h[s : s + n, :R_p], dh[s : s + n, :R_p], dBs[p] if need_dw else None, dot_dtype=dt,
+                  idx=order[s : s + n])
+        else:
+            dh_db(dy, Bs[p], h[s : s + n, :R_p], dul[s : s + n], dBs[p] if need_dw else None, dot_dtype=dt,
+                  idx=order[s : s + n], gate=Gate(meta, scale, p, k_p, None, max(ranks), seed, dropouts[p] > 0),
+                  ul=ul[s : s + n])
+    if separate:
+        _grouped_gates("gate_bwd", _gate_bwd_kernel,
+                       dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
+                            stride_dul=dul.stride(0)),
+                       Tr, max(ranks), counts, ranks, experts, scales, dropouts, seed)
     rest = order[Tr:]
 
     def dx_product(how):
