@@ -17,10 +17,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import Phi3Config, Phi3ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import hlora
 from hlora.quantized import quantize_4bit
@@ -38,7 +41,18 @@ from healthgpt.model.vision import ImageProcessor, build_projector, load_vision_
 from healthgpt.model.vq import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from healthgpt.model.weights import load_model, load_release_weights, save_model
 
-__all__ = ["HealthGPT", "load_llm", "choose_attn_implementation", "PromptTooLong"]
+__all__ = ["HealthGPT", "HealthGPTOutput", "load_llm", "choose_attn_implementation", "PromptTooLong"]
+
+
+@dataclass
+class HealthGPTOutput(CausalLMOutputWithPast):
+    """``HealthGPT.forward``'s output with ``labels``: ``CausalLMOutputWithPast`` plus, per sample,
+    ``token_loss_sum`` [B] (fp32, detached: the sum of its supervised tokens' cross-entropies) and
+    ``token_count`` [B] (its supervised tokens), so per-task losses need no logits. ``logits`` is
+    None when the forward was asked for none (``return_logits=False``)."""
+
+    token_loss_sum: torch.FloatTensor | None = None
+    token_count: torch.LongTensor | None = None
 
 
 class PromptTooLong(ValueError):
@@ -157,10 +171,11 @@ class HealthGPT(nn.Module):
 
     # ---- training controls ------------------------------------------------------------------------
 
-    # True: every batch runs every plugin and projector, in the same order, on its tokens/images of
-    # that task (maybe none): the same autograd graph on every process whatever its batch's tasks, so
-    # every parameter gets a gradient (zeros when unused) in the same order. DeepSpeed ZeRO reduces
-    # gradients in buckets filled in that order (``healthgpt train --deepspeed`` sets it).
+    # True: every batch runs every plugin, the vision tower and every projector, in the same order, on
+    # its tokens/images of that task (maybe none): the same autograd graph on every process whatever
+    # its batch's tasks, so every parameter gets a gradient (zeros when unused) in the same order.
+    # DeepSpeed ZeRO reduces gradients in buckets filled in that order, and ZeRO-3 gathers each
+    # module's weights as it runs (``healthgpt train --deepspeed`` sets it).
     run_every_part: bool = False
 
     def set_trainable(self, plugins=(), projectors=(), fusion: bool = False) -> None:
@@ -251,10 +266,12 @@ class HealthGPT(nn.Module):
         out = torch.cat(parts)
         return out[torch.argsort(torch.tensor(order, dtype=torch.long, device=out.device))]
 
-    def _projectors_on_no_rows(self) -> torch.Tensor:
-        """Exactly 0, through every projector on zero rows (``run_every_part`` without images)."""
-        rows = torch.zeros(0, self.vision.config.hidden_size, device=self.device)
-        return sum(self.projectors[t](rows.to(self.projectors[t][0].weight.dtype)).sum() for t in TASKS)
+    def _every_part_on_no_images(self) -> torch.Tensor:
+        """Exactly 0, through the vision tower and every projector on zero images (``run_every_part``
+        without images: DeepSpeed ZeRO-3 gathers a module's weights around its forward, a collective
+        that every process must join, so the tower runs too)."""
+        size = self.vision.config.image_size
+        return self.encode_images(torch.zeros(0, 3, size, size, device=self.device), []).sum()
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor | None, tasks: list) -> torch.Tensor:
         """Token embeddings with every run of ``num_image_tokens`` ``IMAGE_TOKEN_INDEX`` positions
@@ -265,7 +282,7 @@ class HealthGPT(nn.Module):
         if images is None:
             if any(per_sample):
                 raise ValueError("input_ids hold image positions but no images were given")
-            return embeds + self._projectors_on_no_rows() if self.run_every_part else embeds
+            return embeds + self._every_part_on_no_images() if self.run_every_part else embeds
         P = self.num_image_tokens
         if any(c % P for c in per_sample):
             raise ValueError(f"each sample's image positions must come in runs of {P}, got counts {per_sample}")
@@ -273,7 +290,7 @@ class HealthGPT(nn.Module):
         if sum(counts) != images.shape[0]:
             raise ValueError(f"input_ids hold {sum(counts)} image placeholders but {images.shape[0]} images were given")
         if not sum(counts):
-            return embeds + self._projectors_on_no_rows() if self.run_every_part else embeds
+            return embeds + self._every_part_on_no_images() if self.run_every_part else embeds
         image_tasks = [t for t, c in zip(tasks, counts) for _ in range(c)]
         feats = self.encode_images(images, image_tasks).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), feats)
@@ -287,10 +304,18 @@ class HealthGPT(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
+        return_logits: bool = True,
         **kwargs,
     ):
-        """-> ``CausalLMOutputWithPast`` (``loss`` when ``labels`` are given: mean token cross-entropy
-        over positions whose label is not -100, next-token shifted).
+        """-> ``CausalLMOutputWithPast``; with ``labels`` a ``HealthGPTOutput``: ``loss`` is the token
+        cross-entropy over the positions whose next-token label is not -100, summed and divided by
+        ``num_items_in_batch`` when given (the HF Trainer's count over the whole accumulated batch),
+        else by the number of those positions (their mean), plus the per-sample sums and counts.
+
+        With labels the LLM body runs to hidden states and ``lm_head`` (a [V, H] matrix, V ~ 40k) is
+        applied only at the supervised positions for the loss; ``return_logits=False`` (what
+        ``HealthGPTTrainer`` asks while training) skips the [B, T, V] logits of every position, most
+        of a small model's step and of a large one's activation memory.
 
         Args:
             input_ids: [B, T], ``IMAGE_TOKEN_INDEX`` at image positions (``prepare_sample`` + ``collate``).
@@ -298,14 +323,43 @@ class HealthGPT(nn.Module):
             images: CLIP pixels [N, 3, S, S], one per image placeholder run, in batch order.
             tasks: ``"comp"``/``"gen"`` for all samples, one per sample, or an int tensor into ``TASKS``.
             labels: [B, T] with -100 on unsupervised positions.
+            return_logits: with ``labels``, also compute every position's logits (without labels they always are).
             kwargs: passed to the LLM (e.g. ``num_items_in_batch`` from the HF Trainer, ``cache``).
         """
         tasks = self._task_list(tasks, input_ids.shape[0])
         inputs_embeds = self.embed_inputs(input_ids, images, tasks)
         self.route(tasks)
-        return self.llm(
+        if labels is None:
+            return self.llm(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=use_cache, **kwargs,
+            )
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        body = self.llm.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels, use_cache=use_cache, **kwargs,
+            use_cache=use_cache, **kwargs,
+        )
+        return self._supervised_output(body, labels, num_items_in_batch, return_logits)
+
+    def _supervised_output(self, body, labels: torch.Tensor, num_items_in_batch, return_logits: bool) -> HealthGPTOutput:
+        """The LLM body's output + labels -> loss (``forward``), per-sample token loss sums and counts,
+        logits when asked. Position t is scored against ``labels[:, t + 1]``, as ``ForCausalLMLoss``."""
+        hidden = body.last_hidden_state
+        head = self.llm.get_output_embeddings()
+        targets = labels[:, 1:].to(hidden.device)
+        supervised = targets != IGNORE_INDEX
+        logits = head(hidden) if return_logits else None
+        picked = logits[:, :-1][supervised] if return_logits else head(hidden[:, :-1][supervised])
+        token_loss = F.cross_entropy(picked.float(), targets[supervised], reduction="none")
+        count = supervised.sum(dim=1)
+        divisor = count.sum() if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(token_loss.device)
+        rows = supervised.nonzero()[:, 0]
+        sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=token_loss.device)
+        return HealthGPTOutput(
+            loss=token_loss.sum() / divisor, logits=logits, cache=body.cache, hidden_states=body.hidden_states,
+            attentions=body.attentions, token_loss_sum=sums.index_add_(0, rows, token_loss.detach()), token_count=count,
         )
 
     # ---- samples ------------------------------------------------------------------------------------
@@ -412,12 +466,16 @@ class HealthGPT(nn.Module):
     @torch.no_grad()
     def generate(self, images: list, texts: list, tasks, max_new_tokens: int = 512, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, static: bool = True) -> list:
+                 seed: int | None = None, static: bool = True, compile: bool = False) -> list:
         """Batched decoding, tasks mixed freely -> per sample the generated token ids: for ``comp`` the
         answer up to the stop token, for ``gen`` exactly ``num_image_codes`` ``<idx_*>`` ids then
         ``<end_index>``. ``images``: per sample a PIL image, path, array or None. ``static``: decode
         through the static cache (a CUDA graph on CUDA; ``generation.decode``), else through the eager
-        ``DynamicCache`` loop (``generation.decode_eager``); greedy outputs are the same."""
+        ``DynamicCache`` loop (``generation.decode_eager``); greedy outputs are the same. ``compile``: the
+        static path's step through ``torch.compile`` (the first call per batch shape compiles; on a
+        CPU that is seconds to minutes, later calls reuse it)."""
+        if compile and not static:
+            raise ValueError("compile=True compiles the static decoder's step: it needs static=True")
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts")
         tasks = self._task_list(tasks, len(texts))
@@ -442,6 +500,7 @@ class HealthGPT(nn.Module):
                 self.llm, embeds, mask.to(self.device), [t == "gen" for t in tasks], self.num_image_codes,
                 self.gen_vocab, self.stop_ids, self.pad_id, max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                **(dict(compile=True) if compile else {}),
             )
         finally:
             self.train(was_training)

@@ -37,7 +37,6 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
@@ -46,7 +45,7 @@ from hlora import copy_checked
 from hlora.files import atomic_write
 from hlora.integrations.transformers import HLoRATrainerMixin
 
-from healthgpt.constants import IGNORE_INDEX, TASKS as _TASKS
+from healthgpt.constants import TASKS as _TASKS
 from healthgpt.training import fsdp
 
 __all__ = ["HealthGPTTrainer", "AtomicCheckpoints", "LossLogCallback", "TRAINABLE_FILE", "SHARDED_DIR", "STAGING_PREFIX",
@@ -223,25 +222,23 @@ class HealthGPTTrainer(HLoRATrainerMixin, Trainer):
     # ---- loss -------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; while training the model computes logits only where the loss needs them
+        (``return_logits=False``: evaluation keeps every position's) and its per-sample token loss sums
+        feed the per-task losses."""
         tasks = inputs.get("tasks")
-        labels = inputs.get("labels")
+        if model.training and "labels" in inputs:
+            inputs = {**inputs, "return_logits": False}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.track_task_losses and model.training and tasks is not None and labels is not None:
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-            self._track(logits, labels, tasks)
+        if self.track_task_losses and model.training and tasks is not None and isinstance(outputs, dict) \
+                and outputs.get("token_loss_sum") is not None:
+            self._track(outputs["token_loss_sum"], outputs["token_count"], tasks)
         return (loss, outputs) if return_outputs else loss
 
-    @torch.no_grad()
-    def _track(self, logits, labels, tasks) -> None:
-        shift_labels = labels[:, 1:]
-        for b, t in enumerate(tasks):
-            if t not in self._task_loss:
-                continue
-            mask = shift_labels[b] != IGNORE_INDEX
-            n = int(mask.sum())
-            if n:
-                ce = F.cross_entropy(logits[b, :-1][mask].float(), shift_labels[b][mask], reduction="sum")
-                self._task_loss[t][0] += float(ce)
+    def _track(self, loss_sums: torch.Tensor, counts: torch.Tensor, tasks) -> None:
+        """Add each sample's token cross-entropy sum and token count ([B] each) to its task's tally."""
+        for t, total, n in zip(tasks, loss_sums.tolist(), counts.tolist()):
+            if t in self._task_loss and n:
+                self._task_loss[t][0] += total
                 self._task_loss[t][1] += n
 
     def log(self, logs: dict, start_time=None) -> None:
