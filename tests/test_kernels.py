@@ -701,3 +701,117 @@ def test_layer_mixed_batch_runs_grouped_on_the_plugins_own_parameters(monkeypatc
     for got, want in zip(*results.values()):
         assert want is not None and want.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the gate in the GEMM epilogues: a plugin whose R_p + k_p columns fit one tile
+# ----------------------------------------------------------------------------------------------
+
+
+def _recorded_roles(ranks, experts, T=40, grouped=False, dropout=0.1):
+    from hlora.kernels import compile_gate  # the launchers' plan on meta tensors (nothing runs)
+
+    return compile_gate.plan(T, 24, 20, ranks, experts, "fused", dropout, grouped=grouped)
+
+
+def test_gate_epilogue_is_chosen_by_shape():
+    """One plugin of R + k <= 128 columns (the M3 comprehension plugin, 64 + 4): the gate runs in the
+    UL GEMM's epilogue and its backward in dh_db's, with one tile spanning all R + k columns; a
+    plugin of 256 + 4 keeps the gate kernels; grouped, each plugin is decided alone and the gate
+    kernels cover only the wide plugin's segment; stacked plugins keep the gate kernels."""
+    launches = _recorded_roles((64,), (4,))
+    assert [l.role for l in launches] == ["ul_gate", "y_fused", "dh_db_gate", "dx_fused", "dar"]
+    ul = launches[0]
+    assert ul.consts["GATE"] and ul.consts["GATE_DROPOUT"] and ul.consts["K_PAD"] == 4
+    assert all(t["BLOCK_N"] >= 68 for t in ul.tiles) and all(ul.grid(t)[0] == -(-40 // t["BLOCK_M"]) for t in ul.tiles)
+    dh = launches[2]
+    assert all(t["BLOCK_R"] >= 64 for t in dh.tiles) and dh.args["dh_ptr"].shape[1] == fused_linear.padded(68)
+    assert [l.role for l in _recorded_roles((256,), (4,))] == ["ul", "gate_fwd", "y_fused", "dh_db", "gate_bwd",
+                                                              "dx_fused", "dar"]
+    grouped = _recorded_roles((64, 256), (4, 4), grouped=True)
+    assert [l.role for l in grouped if l.role not in ("y_fused", "dx_fused", "dar")] == [
+        "ul_gate", "ul", "gate_fwd", "dh_db_gate", "dh_db", "gate_bwd"]
+    gate_fwd = next(l for l in grouped if l.role == "gate_fwd")
+    assert gate_fwd.grid({"BLOCK_T": 4}) == (5, 1)  # plugin 1's 20 rows only
+    assert [l.args["GATE_Q"] for l in grouped if l.role in ("ul_gate", "dh_db_gate")] == [0, 0]
+    assert "ul_gate" not in [l.role for l in _recorded_roles((8, 12), (2, 3))]  # stacked: columns not adjacent
+
+
+EPILOGUE_CASES = {
+    # name: (T, D, N, ranks, experts, scales, routing (None: one plugin, no routing tensor), base)
+    "routed-odd": (9, 19, 23, (15,), (5,), (1.5,), [0, -1, 0, 0, -1, 0, 0, 0, -1], "weight"),
+    "one-token": (1, 21, 17, (12,), (3,), (2.0,), None, "weight"),
+    "trainable-module-base": (10, 19, 23, (8,), (4,), (0.5,), None, "module"),
+    "grouped-empty-and-unrouted": (11, 21, 17, (4, 12, 6), (1, 3, 2), (1.0, 0.5, 3.0),
+                                   [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0], "weight"),
+    "grouped-one-wide-plugin": (9, 19, 23, (8, 126), (2, 3), (2.0, 0.5), [1, 0, 0, -1, 1, 0, 1, 1, 0], "weight"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(EPILOGUE_CASES))
+def test_gate_epilogue_matches_float64(name, dtype):
+    """Forward and every gradient through the epilogue path (float32 adapter weights rounded to x's
+    dtype after their loads), poisoned outputs; with a trainable base module its weight and bias
+    gradients too; a plugin without tokens gets exactly zero gradients."""
+    T, D, N, ranks, experts, scales, routing, base = EPILOGUE_CASES[name]
+    grouped = len(ranks) > 1
+    case = make_case(T, D, N, ranks, experts, dtype)
+    tp = torch.tensor(routing, device=DEV) if routing is not None else None
+    roles = [l.role for l in _recorded_roles(ranks, experts, T=T, grouped=grouped, dropout=0.0)]
+    assert "ul_gate" in roles and "dh_db_gate" in roles
+    assert ("gate_fwd" in roles) == (name == "grouped-one-wide-plugin")
+    module = None
+    if base == "module":
+        module = torch.nn.Linear(D, N).to(DEV, dtype)
+        with torch.no_grad():
+            module.weight.copy_(case["W"])
+            module.bias.copy_(case["b"])
+        case_run = {**case, "W": module, "b": None}
+    else:
+        case_run = case
+    if grouped:
+        y, w, grads = run_grouped(case_run, ranks, experts, scales, tp)
+    else:
+        y, w, grads = run(case_run, ranks, experts, scales, tp)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert y.dtype == dtype
+    assert_near(y, y_ref, TOL[dtype], "y")
+    for k in ("x", "A", "B", "router"):
+        assert grads[k].dtype == case[k].dtype, k
+        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
+    if module is not None:  # dy reaches the base module's own autograd
+        W64 = case["W"].double().requires_grad_()
+        b64 = case["b"].double().requires_grad_()
+        c = {k: (v.double() if v is not None else None) for k, v in case.items()}
+        y64 = reference(c["x"], W64, b64, c["A"], c["B"], c["router"], ranks, experts, scales, tp)
+        (y64 * w.double()).sum().backward()
+        assert_near(module.weight.grad, W64.grad, 2 * TOL[dtype], "dW")
+        assert_near(module.bias.grad, b64.grad, 2 * TOL[dtype], "dbias")
+    if routing is not None:  # a plugin without tokens gets exactly zero gradients
+        for q in set(range(len(ranks))) - set(routing):
+            r0, k0 = sum(ranks[:q]), sum(experts[:q])
+            assert not grads["A"][r0 : r0 + ranks[q]].any() and not grads["router"][k0 : k0 + experts[q]].any()
+
+
+def test_gate_epilogue_dropout_is_the_gate_kernels_mask(monkeypatch):
+    """One plugin with a routing tensor: the epilogue draws the gate kernel's dropout mask (the same
+    Philox offsets), and the epilogue backward recomputes the forward's mask."""
+    ranks, experts, scales, dropouts = (12,), (3,), (2.0,), (0.4,)
+    assert _recorded_roles(ranks, experts)[0].role == "ul_gate"
+    keep, live, tp = _probe_mask(ranks, experts, scales, dropouts, T=24, seed=3)
+    assert 0.4 < keep[live].mean().item() < 0.8
+    monkeypatch.setattr(fused_linear, "GATE_EPILOGUE_MAX", 0)  # every plugin through the gate kernels
+    assert _recorded_roles(ranks, experts)[0].role == "ul"
+    keep_kernels, _, _ = _probe_mask(ranks, experts, scales, dropouts, T=24, seed=3)
+    assert torch.equal(keep, keep_kernels)
+    monkeypatch.undo()
+    monkeypatch.setenv("HLORA_BACKEND", "triton")
+    monkeypatch.setenv("HLORA_KERNELS_POISON", "1")
+    case = make_case(24, 19, 17, ranks, experts, torch.float32)
+    torch.manual_seed(3)
+    y, w, grads = run(case, ranks, experts, scales, tp, dropout=dropouts, training=True)
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp, keep=keep, dropouts=dropouts)
+    assert_near(y, y_ref, 1e-5, "y")
+    for k in ("x", "A", "B", "router"):
+        assert_near(grads[k], g_ref[k], 4e-5, f"d{k}")
