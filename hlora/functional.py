@@ -212,13 +212,15 @@ def _decode_linear_applies(x2, weight, dropouts) -> bool:
 
 def _decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp, dropouts):
     """On CUDA, T <= 64 tokens without gradients or dropout (a decode step): the one-launch decode
-    kernel's y; otherwise None."""
+    kernel's y (through its custom op when ``torch.compile`` traces the call); otherwise None."""
     if not x2.is_cuda:
         return None
     from hlora.kernels import decode  # imports Triton: only reached once the kernels are in use
 
     if not decode.supports(x2, weight, dropouts):
         return None
+    if torch.compiler.is_compiling():
+        return decode.decode_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp)
     return decode.decode_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, tp)
 
 

@@ -26,11 +26,15 @@ overlaps with theirs. The workspace and counters are allocated once per (device,
 kept, so the launch allocates only its output and can be captured in a CUDA graph; the per-column
 gate tables are built once per plugin layout. Launches that share a workspace must be ordered (one
 stream), which a decode step is.
+
+``decode_linear`` is the same launch as a custom op (``hlora::decode_linear``), what a step traced by
+``torch.compile`` calls: opaque to the tracer (its workspace dictionaries and launch records are host
+state), with a fake implementation for the output's shape.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -40,7 +44,7 @@ from triton import knobs
 from . import fused_linear, reference
 from .fused_linear import _empty  # outputs start as NaN under HLORA_KERNELS_POISON=1, like the other kernels
 
-__all__ = ["MAX_DECODE_TOKENS", "decode_hlora_linear", "supports"]
+__all__ = ["MAX_DECODE_TOKENS", "decode_hlora_linear", "decode_linear", "supports"]
 
 MAX_DECODE_TOKENS = 64
 INTERPRET = bool(knobs.runtime.interpret)
@@ -237,3 +241,17 @@ def decode_hlora_linear(x2, weight, bias, A, B, router, ranks, experts, scales, 
     )
     fused_linear._run(launch)  # runs it, or records it inside fused_linear.record_launches() (the compile gate)
     return y
+
+
+@torch.library.custom_op("hlora::decode_linear", mutates_args=())
+def decode_linear(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                  B: torch.Tensor, router: torch.Tensor, ranks: Sequence[int], experts: Sequence[int],
+                  scales: Sequence[float], token_plugin: Optional[torch.Tensor]) -> torch.Tensor:
+    """``decode_hlora_linear`` as a custom op (module docstring): the same arguments, the same launch."""
+    return decode_hlora_linear(x2, weight, bias, A, B, router, tuple(ranks), tuple(experts), tuple(scales),
+                               token_plugin)
+
+
+@decode_linear.register_fake
+def _(x2, weight, bias, A, B, router, ranks, experts, scales, token_plugin):
+    return x2.new_empty(x2.shape[0], weight.shape[0])

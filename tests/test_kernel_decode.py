@@ -155,3 +155,29 @@ def test_compiles_for_hopper_without_spills():
     assert len(rows) == 2
     for _, registers, spills, shared in rows:
         assert int(spills) == 0 and 0 < int(registers) <= 255 and int(shared) <= 232448
+
+
+def test_custom_op_traces_whole_and_matches_the_reference():
+    """``decode.decode_linear`` (what a step compiled by ``torch.compile`` calls): the op's schema and fake
+    implementation hold (``opcheck``), a traced call is one graph (fullgraph) holding the op, and its
+    output is the float64 reference's at T = 1 and an odd T, two plugins, -1 tokens included."""
+    ranks, experts = (8, 24), (2, 4)
+    for T, seed in ((1, 20), (7, 23)):
+        (x, W, b, A, B, router), scales, tp, ref = _case(T, 37, 70, ranks, experts, torch.float32, seed=seed)
+        if T == 7:
+            assert set(tp.tolist()) == {-1, 0, 1}
+        args = (x, W, b, A, B, router, list(ranks), list(experts), list(scales), tp)
+        torch.library.opcheck(decode.decode_linear, args, test_utils=("test_schema", "test_faketensor"))
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        traced = torch.compile(lambda *a: decode.decode_linear(*a) * 1.0, fullgraph=True, backend=backend)
+        with torch.no_grad():
+            y = traced(*args)
+        assert len(graphs) == 1
+        assert any(n.target is torch.ops.hlora.decode_linear.default for n in graphs[0].graph.nodes)
+        _check(y, ref, torch.float32)
