@@ -18,21 +18,25 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
 - ``fused_e83936e``: the launch plan of kernels/fused_linear.py at commit e83936e (split-K fp32
   partials + sum, two dy passes for dh and dB, separate gate kernels, torch.cat of [A; router],
   casts of the weight gradients). Mixed batches compute every rank column for every token (masked).
-- ``fused``: kernels/fused_linear.py as built (915cd18; kernels/README.md's launch table; its
-  launchers ``hlora_forward`` / ``hlora_backward``, strategy ``fused``): UL GEMM (A and router read in place, fp32 UL), gate
-  kernel, y = [x, h] @ [W0, B]^T; torch.zeros(dB), the dh_db kernel (one dy pass: dh in fp32, dB by
-  fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router], torch.zeros(dA, drouter),
-  d[A; router] by fp32 atomics, three casts to the parameters' bf16 (none for fp32 parameters).
-  Mixed batches masked.
-- ``cublas``: the same rank-space launches; the adapter GEMM writes its product (+ bias) into y and
+- ``fused_43b5281``: the fused strategy as built at 43b5281: UL GEMM (A and router read in place,
+  fp32 UL), gate kernel, y = [x, h] @ [W0, B]^T; torch.zeros(dB), the dh_db kernel (one dy pass: dh
+  in fp32, dB by fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router],
+  torch.zeros(dA, drouter), d[A; router] by fp32 atomics, three casts to the parameters' bf16 (none
+  for fp32 parameters). Mixed batches masked.
+- ``fused``: kernels/fused_linear.py as built (kernels/README.md's launch table; its launchers
+  ``hlora_forward`` / ``hlora_backward``, strategy ``fused``): ``fused_43b5281``, except that one
+  plugin whose R + k columns fit a 128-wide tile (R=64: 68 -> 128; not R=256) has its gate in the
+  UL GEMM's epilogue (``ul_gate``: UL and h from the accumulator, no gate launch, no UL read back
+  from HBM) and its gate backward in the dh_db kernel's (``dh_db_gate``: dUL written, no fp32 dh).
+- ``cublas``: the same rank-space launches as ``fused``; the adapter GEMM writes its product (+ bias) into y and
   dx first, then cuBLAS accumulates the base into them (``addmm_``, beta = 1: the extra C read
   hides under the compute-bound GEMM), as built.
 - ``fused_grouped`` / ``cublas_grouped``: the two strategies on a mixed batch as built (issue 11
   item 5, ``grouped_forward`` / ``grouped_backward``): per plugin segment (its share of the tokens,
-  rows read and written through the routing's sort permutation) the ul, gate, y / y_adapter,
-  dh_db, gate-backward, dx / dx_adapter and d[A; router] launches on its own tensors (each reads
+  rows read and written through the routing's sort permutation) the ul (ul_gate), y / y_adapter,
+  dh_db (dh_db_gate), dx / dx_adapter and d[A; router] launches on its own tensors (each reads
   its W0 again: free at the compute-bound roofline), one gate and one gate-backward launch over
-  all segments, the unrouted tokens' base product, one zero fill per mixed-width rank buffer and
+  the segments of the plugins too wide for the epilogues (none if all fit), the unrouted tokens' base product, one zero fill per mixed-width rank buffer and
   one for all the gradients' fp32 accumulators, one cast per gradient. One plugin: the plain
   plans (the launchers stack nothing then).
 - ``fused_epilogue``: issue 11's target: the gate in the UL GEMM's epilogue, the gate backward in
@@ -270,20 +274,30 @@ def _rank_space(p: Problem, grouped: bool) -> _RankSpace:
     )
 
 
-def _adapter_launches(p: Problem, grouped: bool, epilogue: bool) -> dict:
+GATE_EPILOGUE_MAX = 128  # kernels/fused_linear.py: the widest tile that holds a plugin's R_p + k_p columns
+
+
+def gate_in_epilogue(rank: int, experts: int) -> bool:
+    """kernels/fused_linear.py's ``_gate_in_epilogue``: R_p + k_p, rounded up to a power of two, fits one tile."""
+    return 1 << (rank + experts - 1).bit_length() <= GATE_EPILOGUE_MAX
+
+
+def _adapter_launches(p: Problem, grouped: bool, gate: str) -> dict:
     """The rank-space launches of the fused and cuBLAS-base strategies, by role.
 
-    ``epilogue=False``: kernels/fused_linear.py as built at 915cd18 (UL GEMM, then a gate kernel; the
+    ``gate="kernels"``: kernels/fused_linear.py as built at 43b5281 (UL GEMM, then a gate kernel; the
     dh_db kernel writes dh in fp32 and a gate-backward kernel turns it into dUL; torch.zeros for each
-    fp32 accumulator; one cast per weight gradient). ``epilogue=True``: issue 11's target, the gate in
-    the UL GEMM's epilogue and the gate backward in the dy pass's epilogue (no dh round trip), one
-    zero and one cast launch."""
+    fp32 accumulator; one cast per weight gradient). ``gate="built"``: as built now, the same except
+    that one plugin whose R + k columns fit a tile (``gate_in_epilogue``) has its gate in the UL
+    GEMM's epilogue (``ul_gate``: UL and h written from the accumulator) and its gate backward in the
+    dy pass's (``dh_db_gate``: dUL written, no fp32 dh). ``gate="target"``: issue 11's target, both
+    epilogues for every plugin, one zero and one cast launch."""
     D, N, R, K = p.d_in, p.d_out, p.R, p.K
     rs = _rank_space(p, grouped)
     T = p.T
     ar = (R + K) * D  # A and router elements
     out = dict(rs=rs)
-    if epilogue:
+    if gate == "target":
         out["fwd"] = [Launch("fwd UL = x [A; router]^T, gate in the epilogue -> h, UL (fp32, saved)", 2.0 * D * rs.ul_mma,
                              T * D * ACT + ar * ACT + rs.ul * F32 + rs.h * ACT + rs.routed)]
         out["zero"] = [elementwise("bwd zero the fp32 dB, d[A; router] accumulators", read=0, write=(N * R + ar) * F32)]
@@ -293,17 +307,28 @@ def _adapter_launches(p: Problem, grouped: bool, epilogue: bool) -> dict:
         out["cast"] = [elementwise("bwd cast dA, dB, drouter to the parameter dtype",
                                    read=(N * R + ar) * F32, write=(N * R + ar) * ACT)]
     else:
-        out["fwd"] = [
-            Launch("fwd ul: UL = x [A; router]^T (fp32, saved)", 2.0 * D * rs.ul_mma, T * D * ACT + ar * ACT + rs.ul * F32,
-                   "ul"),
-            Launch("fwd gate_fwd: h = gate(UL) (saved)", 0.0, rs.ul * F32 + rs.routed + rs.h * ACT, "gate_fwd"),
-        ]
+        if gate == "built" and len(p.plugins) == 1 and gate_in_epilogue(R, K):
+            out["fwd"] = [Launch("fwd ul_gate: UL = x [A; router]^T (fp32, saved), h = gate(UL) in the epilogue (saved)",
+                                 2.0 * D * rs.ul_mma, T * D * ACT + ar * ACT + rs.ul * F32 + rs.h * ACT + rs.routed,
+                                 "ul_gate")]
+            dy_pass = [Launch("bwd dh_db_gate: dh = dy B -> dUL = gate_backward(dh, UL) in the epilogue; dB += dy^T h "
+                              "(fp32, in L2)", 4.0 * N * rs.h_mma,
+                              T * N * ACT + N * R * ACT + rs.h * ACT + rs.ul * F32 + rs.routed + rs.ul * ACT + N * R * F32,
+                              "dh_db_gate")]
+        else:
+            out["fwd"] = [
+                Launch("fwd ul: UL = x [A; router]^T (fp32, saved)", 2.0 * D * rs.ul_mma,
+                       T * D * ACT + ar * ACT + rs.ul * F32, "ul"),
+                Launch("fwd gate_fwd: h = gate(UL) (saved)", 0.0, rs.ul * F32 + rs.routed + rs.h * ACT, "gate_fwd"),
+            ]
+            dy_pass = [
+                Launch("bwd dh_db: dh = dy B (fp32); dB += dy^T h (fp32, in L2)", 4.0 * N * rs.h_mma,
+                       T * N * ACT + N * R * ACT + rs.h * ACT + rs.h * F32 + N * R * F32, "dh_db"),
+                Launch("bwd gate_bwd: dUL = gate_backward(dh, UL)", 0.0,
+                       rs.h * F32 + rs.ul * F32 + rs.routed + rs.ul * ACT, "gate_bwd"),
+            ]
         out["zero"] = [elementwise("bwd torch.zeros dB (fp32)", read=0, write=N * R * F32)]
-        out["dy"] = [
-            Launch("bwd dh_db: dh = dy B (fp32); dB += dy^T h (fp32, in L2)", 4.0 * N * rs.h_mma,
-                   T * N * ACT + N * R * ACT + rs.h * ACT + rs.h * F32 + N * R * F32, "dh_db"),
-            Launch("bwd gate_bwd: dUL = gate_backward(dh, UL)", 0.0, rs.h * F32 + rs.ul * F32 + rs.routed + rs.ul * ACT,
-                   "gate_bwd"),
+        out["dy"] = dy_pass + [
             elementwise("bwd torch.zeros dA (fp32)", read=0, write=R * D * F32),
             elementwise("bwd torch.zeros drouter (fp32)", read=0, write=K * D * F32),
         ]
@@ -314,11 +339,11 @@ def _adapter_launches(p: Problem, grouped: bool, epilogue: bool) -> dict:
     return out
 
 
-def fused_plan(p: Problem, grouped: bool = False, epilogue: bool = False) -> list:
+def fused_plan(p: Problem, grouped: bool = False, gate: str = "built") -> list:
     """The fused strategy: y and dx as extended-K GEMMs [x, h] [W0, B]^T and [dy, dUL] [W0; A; router]
     around the rank-space launches of ``_adapter_launches``. Defaults: as built (masked mixed batches)."""
     T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
-    a = _adapter_launches(p, grouped, epilogue)
+    a = _adapter_launches(p, grouped, gate)
     rs = a["rs"]
     y = Launch("fwd y_fused: y = [x, h] [W0, B]^T", 2.0 * T * N * D + 2.0 * N * rs.h_mma,
                T * D * ACT + N * D * ACT + rs.h * ACT + N * R * ACT + T * N * ACT, "y_fused")
@@ -339,10 +364,17 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
         fwd.append(elementwise("fwd torch.zeros UL (mixed widths)", read=0, write=Tr * pad16(width) * F32))
     if len({r for _, r, _ in segs}) > 1:
         fwd.append(elementwise("fwd torch.zeros h (mixed ranks)", read=0, write=Tr * pad16(r_width) * ACT))
-    fwd += [Launch(f"fwd p{i} ul: UL_p = x[idx] [A_p; router_p]^T (fp32)", 2.0 * t * D * pad16(r + k),
-                   t * D * ACT + (r + k) * D * ACT + t * (r + k) * F32, "ul") for i, (t, r, k) in enumerate(segs)]
-    fwd.append(Launch("fwd gate_fwd: h = gate(UL), every plugin's segment", 0.0,
-                      sum(t * (r + k) * F32 + t * r * ACT for t, r, k in segs), "gate_fwd"))
+    apart = [(t, r, k) for t, r, k in segs if not gate_in_epilogue(r, k)]  # gates in kernels of their own
+    for i, (t, r, k) in enumerate(segs):
+        ul = dict(flops=2.0 * t * D * pad16(r + k), bytes=t * D * ACT + (r + k) * D * ACT + t * (r + k) * F32)
+        if gate_in_epilogue(r, k):
+            fwd.append(Launch(f"fwd p{i} ul_gate: UL_p = x[idx] [A_p; router_p]^T (fp32), h_p = gate(UL_p) in the "
+                              "epilogue", ul["flops"], ul["bytes"] + t * r * ACT, "ul_gate"))
+        else:
+            fwd.append(Launch(f"fwd p{i} ul: UL_p = x[idx] [A_p; router_p]^T (fp32)", ul["flops"], ul["bytes"], "ul"))
+    if apart:
+        fwd.append(Launch("fwd gate_fwd: h = gate(UL), the segments of plugins wider than a tile", 0.0,
+                          sum(t * (r + k) * F32 + t * r * ACT for t, r, k in apart), "gate_fwd"))
     if strategy == "fused":
         if rest:
             fwd.append(Launch("fwd unrouted y_fused: y[idx] = x[idx] W0^T", 2.0 * rest * N * D,
@@ -358,11 +390,18 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
         fwd.append(gemm("fwd y += x W0^T (cuBLAS addmm_, beta=1)", T, N, D, c_in=ACT))
     grads = sum((r + k) * D + N * r for _, r, k in segs)  # every plugin's dA, dB, drouter elements
     bwd = [elementwise("bwd torch.zeros: one fp32 buffer for every plugin's dA, dB, drouter", read=0, write=grads * F32)]
-    bwd += [Launch(f"bwd p{i} dh_db: dh_p = dy[idx] B_p (fp32); dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
-                   t * N * ACT + N * r * ACT + t * r * ACT + t * r * F32 + N * r * F32, "dh_db")
-            for i, (t, r, k) in enumerate(segs)]
-    bwd.append(Launch("bwd gate_bwd: dUL = gate_backward(dh, UL), every plugin's segment", 0.0,
-                      sum(t * r * F32 + t * (r + k) * F32 + t * (r + k) * ACT for t, r, k in segs), "gate_bwd"))
+    for i, (t, r, k) in enumerate(segs):
+        dy_pass = t * N * ACT + N * r * ACT + t * r * ACT + N * r * F32  # dy rows, B_p, h_p, dB_p atomics
+        if gate_in_epilogue(r, k):
+            bwd.append(Launch(f"bwd p{i} dh_db_gate: dUL_p = gate_backward(dy[idx] B_p, UL_p) in the epilogue; "
+                              "dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
+                              dy_pass + t * (r + k) * F32 + t * (r + k) * ACT, "dh_db_gate"))
+        else:
+            bwd.append(Launch(f"bwd p{i} dh_db: dh_p = dy[idx] B_p (fp32); dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
+                              dy_pass + t * r * F32, "dh_db"))
+    if apart:
+        bwd.append(Launch("bwd gate_bwd: dUL = gate_backward(dh, UL), the segments of plugins wider than a tile", 0.0,
+                          sum(t * r * F32 + t * (r + k) * F32 + t * (r + k) * ACT for t, r, k in apart), "gate_bwd"))
     if strategy == "fused":
         if rest:
             bwd.append(Launch("bwd unrouted dx_fused: dx[idx] = dy[idx] W0", 2.0 * rest * D * N,
@@ -396,17 +435,23 @@ def cublas_grouped_plan(p: Problem) -> list:
 
 
 def fused_epilogue_plan(p: Problem) -> list:
-    """Issue 11's target: gates in the GEMM epilogues, grouped mixed batches."""
-    return fused_plan(p, grouped=True, epilogue=True)
+    """Issue 11's target: gates in the GEMM epilogues for every plugin, one zero and one cast launch,
+    grouped mixed batches."""
+    return fused_plan(p, grouped=True, gate="target")
 
 
-def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = True) -> list:
+def fused_43b5281_plan(p: Problem) -> list:
+    """The fused strategy as built at 43b5281: gate kernels for every plugin (masked mixed batches)."""
+    return fused_plan(p, gate="kernels")
+
+
+def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = True, gate: str = "built") -> list:
     """The cuBLAS-base strategy as built: the adapter's product (+ bias) written first by the
     adapter GEMM, then cuBLAS accumulating the base into it (addmm_, beta = 1: its extra C read hides
     under the compute-bound GEMM). ``beta1=False``: as built at d3d13cb, F.linear / torch.mm for the
     base, then the adapter GEMM accumulating into its output (reads and writes y and dx once more)."""
     T, D, N, R, K = p.T, p.d_in, p.d_out, p.R, p.K
-    a = _adapter_launches(p, grouped, epilogue=False)
+    a = _adapter_launches(p, grouped, gate)
     rs = a["rs"]
     y_ad = (2.0 * N * rs.h_mma, rs.h * ACT + N * R * ACT)
     dx_ad = (2.0 * D * rs.dx_mma, rs.ul * ACT + (R + K) * D * ACT)
@@ -426,7 +471,7 @@ def cublas_plan(p: Problem, grouped: bool = False, beta1: bool = True) -> list:
 
 def cublas_d3d13cb_plan(p: Problem) -> list:
     """The cuBLAS-base strategy before the adapter was written first (commit d3d13cb)."""
-    return cublas_plan(p, beta1=False)
+    return cublas_plan(p, beta1=False, gate="kernels")
 
 
 def peft_lora_plan(p: Problem) -> list:
@@ -509,6 +554,7 @@ PLANS = {  # CSV provider name: plan (providers named as in benchmarks/bench_ker
     "peft_lora": peft_lora_plan,
     "moelora_loop": moelora_loop_plan,
     "hlora_fused_e83936e": fused_e83936e_plan,
+    "hlora_fused_43b5281": fused_43b5281_plan,
     "hlora_fused": fused_plan,
     "hlora_cublas": cublas_plan,
     "hlora_fused_grouped": fused_grouped_plan,
@@ -583,8 +629,8 @@ def csv_rows(launch_us: float = LAUNCH_US, version: str = "") -> list:
 def markdown(launch_us: float = LAUNCH_US) -> str:
     """The tables for benchmarks/RESULTS.md (measured columns left empty for the first GPU run)."""
     out = []
-    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_cublas_d3d13cb", "hlora_fused", "hlora_cublas",
-            "hlora_fused_epilogue")
+    cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_cublas_d3d13cb", "hlora_fused_43b5281",
+            "hlora_fused", "hlora_cublas", "hlora_fused_epilogue")
     out.append(f"Lower bounds per layer, fwd+bwd, T={T_STUDY}, bf16, ratio to the frozen base; each launch costs "
                f"max(FLOPs / peak, bytes / bandwidth) + {launch_us:g} µs. k=4. Goal on paper: <= {GOALS[64]}x at "
                f"R=64, <= {GOALS[256]}x at R=256 (H-LoRA plans); `*` misses it; (launches) per plan. FLOP floor: "
@@ -645,8 +691,8 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
     # mixed batch
     out.append(f"50/50 comp (R=64) + gen (R=256) batch, H200: bound of the mixed batch / mean of the comp-only and "
                f"gen-only batches (goal <= {MIX_GOAL}); masked = every rank column for every token.\n")
-    mix_cols = ("hlora_fused_e83936e", "hlora_fused", "hlora_cublas", "hlora_fused_grouped", "hlora_cublas_grouped",
-                "hlora_fused_epilogue")
+    mix_cols = ("hlora_fused_e83936e", "hlora_fused_43b5281", "hlora_fused", "hlora_cublas", "hlora_fused_grouped",
+                "hlora_cublas_grouped", "hlora_fused_epilogue")
     out.append("| projection | " + " | ".join(mix_cols) + " | measured fused | measured cublas |")
     out.append("|---|" + "---|" * len(mix_cols) + "---|---|")
     for proj in PROJECTIONS:
