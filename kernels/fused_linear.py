@@ -14,6 +14,10 @@ and its backward (the base is frozen: no gradient for W0 or bias)::
     dx     = dy @ W0 + dUL @ [A; router]         [T, D]
     dA, drouter = dUL^T @ x                      split over T, fp32 atomics into the gradients
 
+A plugin whose R_p + k_p columns fit one output tile (``_gate_in_epilogue``) has the gate in the
+UL GEMM's epilogue and the gate backward in the dh / dB pass's epilogue (no gate launches, no fp32
+dh); stacked plugins and wider ones run the gate kernels (section 3).
+
 Rank-space activations (UL, h, dh, dUL) are allocated with rows padded to a multiple of 16
 elements, so every rank-space operand row starts 16-byte aligned; A and the router are read where
 they live (two pointers, never concatenated). Saved for the backward: x, UL (float32), h (x.dtype).
@@ -174,6 +178,8 @@ def _run(launch: Launch):
 # segment of a mixed batch): A1's rows (IDX_A1), C's and Cin's rows (IDX_C) or B1's K index
 # (IDX_B1K, the token axis of a weight gradient) are read through the token index ``idx`` [M]
 # (the segment's slice of the routing's sort permutation): no gathered copy of x, dy, y or dx.
+# GATE: C is one plugin's UL (one column tile spans it) and the epilogue also writes h = gate(UL)
+# (``_gate_forward``, section 3; plugin GATE_Q's row of the gate table, GATE_R the dropout row width).
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -491,7 +497,9 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 # Grid: token blocks x rank chunks (rank chunk fastest, so the programs reading one dy block run
 # together and share it in L2). Each program keeps its [BLOCK_T, BLOCK_R] block of dh in registers
 # over the whole N loop (no split, no partials) and adds each [BLOCK_N, BLOCK_R] product dy^T h into
-# the float32 dB accumulator with atomics (dB, N x R floats, stays in L2).
+# the float32 dB accumulator with atomics (dB, N x R floats, stays in L2). With ``GATE`` (a plugin
+# narrow enough, section 3) the one rank block holds all of the plugin's rank columns and the
+# epilogue turns dh into dUL (``_gate_backward``) instead of storing dh.
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -610,6 +618,9 @@ def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None, gate=None, ul=None):
 # R + k_off, and the routing tensor says whose each token is. Grouped plugins: plugin q's rows are
 # its segment (first row s_q, n_q rows, all its own), its ranks at column 0 and logits at R_q.
 # Dropout draws from one Philox stream at offset row * R + column (R: the row width in ranks).
+# ``_gate_forward`` / ``_gate_backward`` do the same per plugin in a GEMM epilogue (section 1's
+# ``GATE``, section 2's): the tile's rank columns in registers, each column's expert logit read back
+# from UL (the forward stores its UL tile first, then a barrier), the same ops in the same order.
 
 
 @triton.jit

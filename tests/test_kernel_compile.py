@@ -1,7 +1,9 @@
 """Compile gate: every Triton kernel, at every tile the tuner may choose for the HealthGPT-M3
 projections (qkv 3072->9216, o 3072->3072, gate_up 3072->16384, down 8192->3072; R=64 and R=256
 with k=4, 64+256 stacked and grouped, k=32; a training batch and a decode step; both strategies, with and
-without dropout), compiled ahead of time on the CPU for sm_90a (H100/H200) and sm_80 (A100).
+without dropout), compiled ahead of time on the CPU for sm_90a (H100/H200) and sm_80 (A100). The
+gate epilogues (``ul_gate``, ``dh_db_gate``) are compiled at every tile that spans R=64's 64 + k
+columns (k=4 and k=32), one plugin and the narrow plugin of a grouped 64+256 batch.
 
 The launches are the launchers' own (``hlora.kernels.compile_gate.plan`` records them on meta
 tensors); the compile runs in a subprocess without ``TRITON_INTERPRET`` (other kernel tests set it
@@ -24,7 +26,8 @@ from hlora.kernels import compile_gate as cg
 results = cg.compile_all(cg.m3_launches())
 json.dump({"results": [dataclasses.asdict(r) for r in results], "smem_limit": cg.SMEM_LIMIT}, sys.stdout)
 """
-ROLES = {"ul", "gate_fwd", "y_fused", "y_adapter", "dh_db", "gate_bwd", "dx_fused", "dx_adapter", "dar"}
+ROLES = {"ul", "ul_gate", "gate_fwd", "y_fused", "y_adapter", "dh_db", "dh_db_gate", "gate_bwd", "dx_fused", "dx_adapter",
+         "dar"}
 
 
 @pytest.fixture(scope="module")
