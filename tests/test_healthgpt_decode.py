@@ -192,3 +192,40 @@ def test_decoder_is_kept_per_key_and_reused_for_prompts_of_other_lengths(model):
     assert len(kept) == MAX_KEPT_DECODERS and all(d is not decoder for d, _ in kept.values())
     with pytest.raises(ValueError, match="holds 3 rows"):
         next(iter(kept.values()))[0].reset(mask1, 4)
+
+
+def test_compiled_step_matches_eager_and_compiles_once(model):
+    """``decode(compile=True)``: the step through ``torch.compile`` (inductor, fullgraph) gives the eager
+    loop's tokens on a mixed batch (gen and comp rows, left padding); it is compiled once (no
+    recompilation from step to step: positions and the write column are tensors), and a second batch
+    of other prompt lengths reuses the kept decoder and its compiled step without recompiling."""
+    from torch._dynamo.utils import counters
+
+    from healthgpt.model.decode_static import _KEPT_ATTR
+
+    llm, v = model.llm, model.gen_vocab
+    llm.__dict__.pop(_KEPT_ATTR, None)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def both(images, texts, tasks):
+        embeds, mask = _inputs(model, images, texts, tasks)
+        args = (llm, embeds, mask, [t == "gen" for t in tasks], 24, v, model.stop_ids, model.pad_id, 9)
+        compiled = decode(*args, compile=True)
+        assert compiled == decode_eager(*args)
+        return compiled, mask
+
+    first, mask1 = both([_image(9), None, _image(10, (30, 60))], ["A knee MRI.", "Name three bones.", "Any fracture?"],
+                        ["gen", "comp", "comp"])
+    assert len(set(mask1.sum(1).tolist())) == 3  # every row padded differently
+    assert len(first[0]) == 25 and first[0][-1] == v.end and all(len(r) == 9 for r in first[1:])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    (decoder, _), = llm.__dict__[_KEPT_ATTR].values()
+    assert decoder._compiled is not None and decoder._calls == 24
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second, mask2 = both([_image(11), None, _image(12)], ["Convert this knee MRI to a CT scan, please.", "Why?",
+                                                               "Describe it."], ["gen", "comp", "comp"])
+    assert mask2.shape[1] != mask1.shape[1] and second != first
+    assert counters["stats"]["unique_graphs"] == 1 and decoder._calls == 48
+    with pytest.raises(ValueError, match="needs static=True"):
+        model.generate([None], ["Why?"], "comp", static=False, compile=True)

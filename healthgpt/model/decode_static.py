@@ -17,11 +17,22 @@ text rows up to a stop token or ``max_new_tokens``); the difference is how the w
   flags only every ``check_every`` steps, and copies the tokens back once at the end.
 - without a CUDA graph (a CPU) attention reads only the columns written so far (the host knows how
   many without asking the device): a step then costs what the eager path's does, not ``L`` columns.
+- compiled (``compile=True``): the step runs through ``torch.compile`` (inductor, ``fullgraph``: the
+  hlora op and the cache update trace as one graph, no break) on the one shape a graph captures (all
+  ``L`` columns, masked). The first step of a decoder's life runs eagerly (it fills the routing's
+  per-shape caches, which a traced step must find filled: a fill inside the trace would be a side
+  effect and the next call a recompile), later steps call the compiled one. On CUDA the hand CUDA
+  graph below captures the compiled step (rather than inductor's ``mode="reduce-overhead"``: the
+  decoder's buffers already have fixed addresses, while cudagraph trees would copy the tokens,
+  positions and masks in every replay and skip a graph whose inputs are mutated in place, which the
+  cache update and the position counter are; and one capture path serves both steps). The positions
+  and the write column are device tensors, so steps do not recompile; dynamo caches the graph on
+  ``step_fn``'s code, so a later decoder of the same shapes (and routing layout) reuses it.
 - reuse (``decoder_for``): a model keeps its last few decoders, keyed on everything the captured step
   reads or depends on (batch, cache length rounded up to ``LENGTH_BUCKET`` columns, dtype, device,
-  heads, the routing, every parameter's storage, merged plugins, attention implementation). A later
-  batch with the same key, prompts of any lengths that fit, resets the buffers in place and replays
-  the graph captured the first time.
+  heads, the routing, every parameter's storage, merged plugins, attention implementation, compiled
+  or not). A later batch with the same key, prompts of any lengths that fit, resets the buffers in
+  place and replays the graph captured (or calls the step compiled) the first time.
 """
 
 from __future__ import annotations
@@ -97,13 +108,14 @@ class StaticDecoder:
         use_graph: capture the step in a CUDA graph (CUDA only; ``None``: on CUDA devices).
         max_len: the cache's columns (at least ``T + steps``; default exactly that).
         live_columns: attention reads only the columns written so far (shapes change every step);
-            ``None``: without a CUDA graph. ``False`` keeps the one shape a graph captures.
+            ``None``: without a CUDA graph or compilation. ``False`` keeps the one shape a graph captures.
+        compile: run the step through ``torch.compile`` (module docstring), from the decoder's second step on.
 
     ``reset`` starts another batch of the same size on the same buffers (and graph).
     """
 
     def __init__(self, llm, attention_mask: torch.Tensor, steps: int, code_head, text_head, use_graph: bool | None = None,
-                 max_len: int | None = None, live_columns: bool | None = None):
+                 max_len: int | None = None, live_columns: bool | None = None, compile: bool = False):
         self.llm = llm
         self.device = attention_mask.device
         self.batch = attention_mask.shape[0]
@@ -113,9 +125,13 @@ class StaticDecoder:
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the batch is on {self.device}")
-        self.live_columns = not self.use_graph if live_columns is None else live_columns
-        if self.live_columns and self.use_graph:
-            raise ValueError("a CUDA graph replays one shape: live_columns needs use_graph=False")
+        self.live_columns = not (self.use_graph or compile) if live_columns is None else live_columns
+        if self.live_columns and (self.use_graph or compile):
+            raise ValueError("a CUDA graph and a compiled step take one shape: live_columns needs use_graph=False "
+                             "and compile=False")
+        # dynamic=False: one specialised graph per shape, never a symbolic one (a decoder's shapes never change)
+        self._compiled = torch.compile(self.step_fn, fullgraph=True, dynamic=False) if compile else None
+        self._calls = 0  # steps run over the decoder's life (``reset`` keeps it): the first is eager
         # every decoder layer gets a full-length static layer: a sliding window is applied by the mask
         self.cache = Cache(layers=[LiveStaticLayer(max_cache_len=self.max_len) for _ in range(llm.config.num_hidden_layers)])
         self.columns = torch.arange(self.max_len, device=self.device)
@@ -181,11 +197,17 @@ class StaticDecoder:
         self.positions.add_(1)
         return self._heads(out.last_hidden_state[:, -1])
 
+    def _run(self):
+        """One step: eager on the decoder's first call, compiled (if asked) after."""
+        self._calls += 1
+        return self.step_fn() if self._compiled is None or self._calls == 1 else self._compiled()
+
     def step(self, tokens: torch.Tensor):
         """Feed the chosen tokens [B] -> the next (code logits, text logits). On CUDA with ``use_graph`` the
-        first call runs eagerly on a side stream (warm-up: autotuning, workspaces, routing tensors), the
-        second captures the step, and every later call replays it; the returned tensors are then the
-        graph's static outputs, overwritten by the next call."""
+        first call runs eagerly on a side stream (warm-up: autotuning, workspaces, routing tensors), with
+        ``compile`` the second too, compiled (compilation, inductor's first run), the next captures the
+        step, and every later call replays it; the returned tensors are then the graph's static outputs,
+        overwritten by the next call."""
         if self._steps_run >= self.steps:
             raise RuntimeError(f"the batch was given {self.steps} steps after a {self.prompt_len}-column prompt; "
                                f"no room for another step")
@@ -193,25 +215,25 @@ class StaticDecoder:
         self._steps_run += 1
         self._live(self.prompt_len + self._steps_run)
         if not self.use_graph:
-            return self.step_fn()
+            return self._run()
         if self._graph is not None:
             self._graph.replay()
             return self._outputs
-        if self._steps_run == 1:
+        if self._calls < (1 if self._compiled is None else 2):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                outputs = self.step_fn()
+                outputs = self._run()
             torch.cuda.current_stream(self.device).wait_stream(side)
             return outputs
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):  # records, runs nothing
-            self._outputs = self.step_fn()
+            self._outputs = self._run()
         self._graph.replay()
         return self._outputs
 
 
-def _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph) -> tuple:
+def _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph, compile) -> tuple:
     """What a kept decoder's buffers and captured step depend on: the batch's shape and kind, the
     attention implementation, the routing (its content: the objects are new per ``set_task``), and
     for every adapted layer its plugins and merged state, for every parameter its storage and
@@ -224,7 +246,7 @@ def _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_gr
     if any(layer.routing is not routing for layer in layers):
         routing_key = ("per layer", tuple(id(layer.routing) for layer in layers))  # not shared: never equal twice
     return (
-        attention_mask.device, dtype, attention_mask.shape[0], max_len, use_graph, llm.config._attn_implementation,
+        attention_mask.device, dtype, attention_mask.shape[0], max_len, use_graph, compile, llm.config._attn_implementation,
         None if code_head is None else tuple(t.data_ptr() if t is not None else None for t in code_head),
         None if text_head is None else tuple(t.data_ptr() if t is not None else None for t in text_head),
         routing_key,
@@ -234,7 +256,7 @@ def _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_gr
 
 
 def decoder_for(llm, attention_mask: torch.Tensor, steps: int, code_head, text_head, dtype: torch.dtype,
-                use_graph: bool | None = None) -> StaticDecoder:
+                use_graph: bool | None = None, compile: bool = False) -> StaticDecoder:
     """A ``StaticDecoder`` for this batch: one the model kept from an earlier batch with the same key
     (``_reuse_key``; its routing objects are put back on the layers, so a captured graph reads live
     tensors), reset for these prompts, or a new one (kept; the oldest of more than
@@ -244,7 +266,7 @@ def decoder_for(llm, attention_mask: torch.Tensor, steps: int, code_head, text_h
     use_graph = device.type == "cuda" if use_graph is None else use_graph
     needed = attention_mask.shape[1] + steps
     max_len = -(-needed // LENGTH_BUCKET) * LENGTH_BUCKET
-    key = _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph)
+    key = _reuse_key(llm, attention_mask, max_len, dtype, code_head, text_head, use_graph, compile)
     kept = llm.__dict__.setdefault(_KEPT_ATTR, {})
     if key in kept:
         decoder, routing = kept.pop(key)
@@ -253,7 +275,8 @@ def decoder_for(llm, attention_mask: torch.Tensor, steps: int, code_head, text_h
             layer.set_routing(routing)
         decoder.reset(attention_mask, steps)
         return decoder
-    decoder = StaticDecoder(llm, attention_mask, steps, code_head, text_head, use_graph=use_graph, max_len=max_len)
+    decoder = StaticDecoder(llm, attention_mask, steps, code_head, text_head, use_graph=use_graph, max_len=max_len,
+                            compile=compile)
     layers = adapter_layers(llm)
     kept[key] = (decoder, layers[0].routing if layers else None)
     while len(kept) > MAX_KEPT_DECODERS:

@@ -10,7 +10,8 @@ A batch may mix both kinds of rows (the hard router picks each row's plugin befo
 Prompts are left-padded; positions count real tokens only: ``position = cumsum(mask) - 1``.
 
 Two implementations of these rules: ``decode`` (the default: static shapes, one preallocated cache, no
-host synchronisation inside the loop, a CUDA graph on CUDA; ``healthgpt.model.decode_static``) and
+host synchronisation inside the loop, a CUDA graph on CUDA, optionally the step compiled by
+``torch.compile``; ``healthgpt.model.decode_static``) and
 ``decode_eager`` (a transformers forward on a growing ``DynamicCache`` per step with host-side
 bookkeeping: the reference the static path is tested against).
 """
@@ -153,6 +154,7 @@ def decode(
     max_new_tokens: int,
     check_every: int = 32,
     use_graph: bool | None = None,
+    compile: bool = False,
     **sampling,
 ) -> list:
     """``decode_eager``'s contract (same arguments and results) through the static path.
@@ -162,7 +164,9 @@ def decode(
     rows' lengths and ``done`` flags; a text row is done at its first stop token (not kept) or after
     ``max_new_tokens`` tokens, an image row after step n. The host reads ``done`` every
     ``check_every`` steps (to stop early) and the tokens once at the end. ``use_graph``: capture the
-    step in a CUDA graph (``None``: on CUDA). The decoder (its cache, and graph) is the model's kept one
+    step in a CUDA graph (``None``: on CUDA). ``compile``: run the step through ``torch.compile`` (inductor;
+    on CUDA inside the graph); the first call for a batch shape compiles (seconds to minutes), later
+    steps and calls reuse it. The decoder (its cache, graph and compiled step) is the model's kept one
     for this batch's key when there is one (``decode_static.decoder_for``).
     """
     if check_every < 1:
@@ -185,7 +189,8 @@ def decode(
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     with masked_attention(llm):
-        decoder = decoder_for(llm, attention_mask, steps, code_head, text_head, inputs_embeds.dtype, use_graph=use_graph)
+        decoder = decoder_for(llm, attention_mask, steps, code_head, text_head, inputs_embeds.dtype, use_graph=use_graph,
+                              compile=compile)
         code_logits, text_logits = decoder.prefill(inputs_embeds)
         for step in range(steps):
             if has_img:
