@@ -4,6 +4,10 @@ base wrapped by PEFT LoRA of the same total rank, and against the MoELoRA loop, 
 Providers (every one greedy, on the same random Phi-3-shaped base with both plugins resident):
 
 - ``hlora_static``: ``healthgpt.model.generation.decode`` (static cache; a CUDA graph on CUDA), H-LoRA.
+- ``hlora_compiled`` (with ``--compile``): the same with the step through ``torch.compile`` (inductor; on
+  CUDA inside the CUDA graph). Its first call per batch compiles: that call's wall-clock is reported
+  apart (``compile_s``), and its timed rounds reuse the compiled step (tokens/s without compilation).
+  Its tokens must equal ``hlora_eager``'s too.
 - ``hlora_eager``: ``decode_eager`` (DynamicCache, host bookkeeping per step), H-LoRA: the reference;
   ``hlora_static``'s tokens must equal it (asserted).
 - ``hlora_generate``: transformers ``generate()`` on the H-LoRA model (what the decoder alone gains).
@@ -32,14 +36,15 @@ step runs and what one op costs here, which together say what a step's time is m
 same work per step), batch 1 and 8, seconds per image and the fraction of the bandwidth bound (the
 bytes a step reads at least, once: base, code head, routed adapter).
 
-    python benchmarks/generate.py [--shape proportional|phi3-vocab] [--threads 1] [--repeats 2] [--json out.json]
-    python benchmarks/generate.py --gpu [--bandwidth-gbs 4200] [--json out.json]
+    python benchmarks/generate.py [--shape proportional|phi3-vocab] [--compile] [--threads 1] [--repeats 2] [--json out.json]
+    python benchmarks/generate.py --gpu [--compile] [--bandwidth-gbs 4200] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import time
@@ -53,6 +58,8 @@ from healthgpt.model.config import PHI3_MINI_4K
 from healthgpt.model.generation import decode, decode_eager
 
 PROVIDERS = ("hlora_static", "hlora_eager", "hlora_generate", "peft_lora", "moelora_loop")
+COMPILED = "hlora_compiled"
+OURS = ("hlora_static", COMPILED)  # the rows the table gives ratios for
 NUM_CODES = 8192  # VQGAN OpenImages f=8 codebook
 
 
@@ -145,9 +152,9 @@ def run_provider(name: str, models: dict, ids, mask, new_tokens: int, image: boo
     B = ids.shape[0]
     _sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    if name in ("hlora_static", "hlora_eager"):
+    if name in ("hlora_static", "hlora_eager", COMPILED):
         llm = models["hlora"]
-        fn = decode if name == "hlora_static" else decode_eager
+        fn = decode_eager if name == "hlora_eager" else functools.partial(decode, compile=name == COMPILED)
         embeds = llm.get_input_embeddings()(ids)
         n = new_tokens - 1 if image else 0
         out = fn(llm, embeds, mask, [image] * B, n, vocab, set(), 0, new_tokens)
@@ -166,27 +173,33 @@ def bench(models: dict, batches, new_tokens: int, prompt_len: int, repeats: int,
     rows = []
     for B in batches:
         ids, mask = prompts(B, prompt_len, vocab.start, device)
-        best, outputs = {}, {}
+        best, outputs, compile_s = {}, {}, {}
         # warm-up (first calls, lazy initialisation; on CUDA the kernels' compilation and tuning); on CUDA the
-        # static decoder is then kept with its captured graph, as a user's second image finds it
+        # static decoder is then kept with its captured graph, as a user's second image finds it. The compiled
+        # step's warm-up is its compilation, at the timed length (the decoder, kept, is keyed on it)
         for name in providers:
-            run_provider(name, models, ids, mask, new_tokens if name == "hlora_static" and device == "cuda" else 8, image, vocab)
+            full = name == COMPILED or (name == "hlora_static" and device == "cuda")
+            start = time.perf_counter()
+            run_provider(name, models, ids, mask, new_tokens if full else 8, image, vocab)
+            if name == COMPILED:
+                compile_s[name] = time.perf_counter() - start
         for _ in range(repeats):  # interleaved rounds: a load spike hits every provider alike
             for name in providers:
                 seconds, out = run_provider(name, models, ids, mask, new_tokens, image, vocab)
                 best[name] = min(best.get(name, float("inf")), seconds)
                 outputs[name] = out
-        if "hlora_eager" in outputs and device == "cuda":  # bf16 near-ties may flip: reported, not asserted
-            pairs = [(a, b) for ra, rb in zip(outputs["hlora_static"], outputs["hlora_eager"]) for a, b in zip(ra, rb)]
-            print(f"batch {B}: static and eager tokens agree at {sum(a == b for a, b in pairs)}/{len(pairs)} positions")
-        elif "hlora_eager" in outputs:
-            assert outputs["hlora_static"] == outputs["hlora_eager"], "static decode differs from the eager path"
+        for ours in [o for o in OURS if o in outputs and "hlora_eager" in outputs]:
+            if device == "cuda":  # bf16 near-ties may flip: reported, not asserted
+                pairs = [(a, b) for ra, rb in zip(outputs[ours], outputs["hlora_eager"]) for a, b in zip(ra, rb)]
+                print(f"batch {B}: {ours} and eager tokens agree at {sum(a == b for a, b in pairs)}/{len(pairs)} positions")
+            else:
+                assert outputs[ours] == outputs["hlora_eager"], f"{ours} decode differs from the eager path"
         if "hlora_generate" in outputs and not image:
             same = outputs["hlora_static"] == outputs["hlora_generate"]
             print(f"batch {B}: static tokens {'equal' if same else 'DIFFER from'} transformers generate() on the same model")
         for name in providers:
             rows.append(dict(batch=B, provider=name, seconds=best[name], tokens_per_s=B * new_tokens / best[name],
-                             s_per_image=best[name] / B if image else None))
+                             s_per_image=best[name] / B if image else None, compile_s=compile_s.get(name)))
     return rows
 
 
@@ -209,7 +222,9 @@ def step_bytes(model: torch.nn.Module, vocab, image: bool, task: str = "gen") ->
 
 def aten_calls_per_step(name: str, models: dict, ids, mask, vocab) -> float:
     """aten operator calls (nested ones included: each passes the dispatcher) per decode step of
-    provider ``name``: the difference of two profiled runs (24 and 8 new tokens) / 16."""
+    provider ``name``: the difference of two profiled runs (24 and 8 new tokens) / 16, after an unprofiled
+    one (a compiled step compiles on its decoder's first call)."""
+    run_provider(name, models, ids, mask, 24, False, vocab)
     counts = []
     for n in (8, 24):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -249,13 +264,16 @@ def step_anatomy(rows: list, models: dict, vocab, prompt_len: int, new_tokens: i
 def table(rows: list, baseline_names=("peft_lora", "moelora_loop"), image: bool = False) -> str:
     present = {r["provider"] for r in rows}
     baseline_names = [b for b in baseline_names if b in present]
-    lines = ["| batch | provider | s | tokens/s | " + ("s/image | " if image else "")
-             + " | ".join(f"{b} s / static s" for b in baseline_names) + " |"]
-    lines.append("|" + "---|" * (4 + image + len(baseline_names)))
+    compiled = any(r.get("compile_s") is not None for r in rows)
+    lines = ["| batch | provider | s | tokens/s | " + ("s/image | " if image else "") + ("compile s | " if compiled else "")
+             + " | ".join(f"{b} s / ours s" for b in baseline_names) + " |"]
+    lines.append("|" + "---|" * (4 + image + compiled + len(baseline_names)))
     by = {(r["batch"], r["provider"]): r for r in rows}
     for r in rows:
-        ratios = [by[(r["batch"], b)]["seconds"] / r["seconds"] if r["provider"] == "hlora_static" else None for b in baseline_names]
+        ratios = [by[(r["batch"], b)]["seconds"] / r["seconds"] if r["provider"] in OURS else None for b in baseline_names]
         cells = [str(r["batch"]), r["provider"], f"{r['seconds']:.3f}", f"{r['tokens_per_s']:.1f}"]
+        if compiled:
+            cells.append("" if r.get("compile_s") is None else f"{r['compile_s']:.1f}")
         if image:
             cells.append(f"{r['s_per_image']:.3f}")
         cells += [f"{x:.2f}x" if x else "" for x in ratios]
@@ -272,6 +290,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="CPU: 256; GPU: 1025 (1024 codes + end)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--bandwidth-gbs", type=float, default=4200.0, help="HBM bandwidth for the bound (H200: 4200 measured)")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"add {COMPILED}: the static step through torch.compile (compile time reported apart)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -293,10 +313,13 @@ def main(argv=None) -> None:
     print("a step reads at least " + ", ".join(f"{k} {v / 1e6:.1f} MB ({v / total:.0%})" for k, v in parts.items())
           + f" = {total / 1e6:.1f} MB")
     if args.gpu:  # the eager reference and the MoE loop take minutes at 1025 tokens: a short equality check only
-        bench(models, [2], 24, prompt_len, 1, image, vocab, device, providers=("hlora_static", "hlora_eager"))
+        bench(models, [2], 24, prompt_len, 1, image, vocab, device,
+              providers=("hlora_static", "hlora_eager") + ((COMPILED,) if args.compile else ()))
         providers = ("hlora_static", "peft_lora")
     else:
         providers = PROVIDERS
+    if args.compile:
+        providers = (providers[0], COMPILED) + providers[1:]
     rows = bench(models, args.batches, new_tokens, prompt_len, args.repeats, image, vocab, device, providers)
     print(table(rows, image=image))
     result = dict(device=torch.cuda.get_device_name() if args.gpu else platform.processor() or platform.machine(),
