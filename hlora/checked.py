@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .zero3 import full_shape, gathered
+
 __all__ = ["CheckpointError", "copy_checked"]
 
 
@@ -47,8 +49,8 @@ def copy_checked(targets: dict, tensors: dict, *, what: str, strict: bool = True
     common = [k for k in targets if k in tensors]
     missing = sorted(k for k in targets if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in targets)
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(targets[k].shape)}"
-              for k in sorted(common) if tuple(tensors[k].shape) != tuple(targets[k].shape)]
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(full_shape(targets[k]))}"
+              for k in sorted(common) if tuple(tensors[k].shape) != tuple(full_shape(targets[k]))]
     dtypes = [f"{k}: file {tensors[k].dtype} vs model {targets[k].dtype}"
               for k in sorted(common) if not _dtypes_compatible(tensors[k].dtype, targets[k].dtype)]
     tied = {}
@@ -70,4 +72,5 @@ def copy_checked(targets: dict, tensors: dict, *, what: str, strict: bool = True
     if problems:
         raise CheckpointError(f"cannot load {what}: " + " | ".join(problems))
     for k in common:
-        targets[k].copy_(tensors[k])
+        with gathered([targets[k]], write=True):  # one at a time: a ZeRO-3 parameter is a slice per process
+            targets[k].copy_(tensors[k])

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from .config import PluginConfig
 from .functional import hlora_linear, hlora_mixture, router_gates
 from .routing import Routing, renumber
+from .zero3 import full_shape, is_partitioned, register_external, unregister_external
 
-__all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable"]
+__all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable", "register_zero3_plugins"]
 
 
 def _conv1d_cls():
@@ -136,7 +137,8 @@ class AdapterLayer(nn.Module):
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as [d_in, d_out]
         self.weight = base.weight
         self.bias = base.bias
-        d_in, d_out = (base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape)
+        shape = full_shape(base.weight)  # a weight partitioned by DeepSpeed ZeRO-3 (zero.Init) holds [0]
+        d_in, d_out = (shape[::-1] if not self.fan_in_fan_out else shape)
         self.in_features, self.out_features = int(d_in), int(d_out)
         object.__setattr__(self, "base_layer", base)  # kept outside the module tree, for unload()
         self.plugins = nn.ModuleDict()
@@ -152,12 +154,15 @@ class AdapterLayer(nn.Module):
         self.plugins[name] = self.plugin_cls(
             cfg, self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype
         )
+        if is_partitioned(self.weight):  # the base is a DeepSpeed ZeRO-3 parameter: so will the plugin's be
+            register_zero3_plugins(self)
 
     def remove_plugin(self, name: str) -> None:
         """Drop plugin ``name`` (held here or not) and its slot in the model-wide order."""
         if name == self.merged:
             raise RuntimeError(f"plugin {name!r} is merged into the base weight; unmerge it first")
         if name in self.plugins:
+            unregister_external(self, self.plugins[name].parameters())  # (register_zero3_plugins)
             del self.plugins[name]
         self.plugin_names.remove(name)
 
@@ -284,6 +289,16 @@ class HLoRALinear(AdapterLayer):
                 stack = (torch.cat([p.A for p in ps]), torch.cat([p.B for p in ps], 1), torch.cat([p.router for p in ps]))
             self._stack_cache = cached = (tensors, state, stack)
         return cached[2]
+
+
+def register_zero3_plugins(layer: AdapterLayer) -> None:
+    """DeepSpeed ZeRO-3 gathers a module's own parameters just before its forward (and again for its
+    backward) and frees them after; the layer's forward reads its plugins' tensors directly (their
+    modules never run), so they are registered as the layer's external parameters and gathered with
+    its base weight. Idempotent; ``AdapterLayer.add_plugin`` calls it when the base weight is already
+    partitioned (a model built under ``zero.Init``); a model partitioned after injection (by
+    ``deepspeed.initialize``) needs it called on every adapter layer first."""
+    register_external(layer, layer.plugins.parameters())
 
 
 def _held_only(names: list, token_plugin, held) -> tuple:
