@@ -267,11 +267,13 @@ class HealthGPT(nn.Module):
         return out[torch.argsort(torch.tensor(order, dtype=torch.long, device=out.device))]
 
     def _every_part_on_no_images(self) -> torch.Tensor:
-        """Exactly 0, through the vision tower and every projector on zero images (``run_every_part``
+        """Exactly 0, through the vision tower and every projector (``run_every_part`` on a batch
         without images: DeepSpeed ZeRO-3 gathers a module's weights around its forward, a collective
-        that every process must join, so the tower runs too)."""
+        that every process must join, so the tower runs too). CLIP cannot run on zero images (its
+        attention reshapes with -1): it runs on one blank image, of which nothing is kept."""
         size = self.vision.config.image_size
-        return self.encode_images(torch.zeros(0, 3, size, size, device=self.device), []).sum()
+        blank = torch.zeros(1, 3, size, size, device=self.device)
+        return self.encode_images(blank, [TASKS[0]])[:0].sum()
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor | None, tasks: list) -> torch.Tensor:
         """Token embeddings with every run of ``num_image_tokens`` ``IMAGE_TOKEN_INDEX`` positions
