@@ -614,10 +614,14 @@ def test_grouped_dropout_gradients_use_the_forward_mask():
         assert_near(grads[k], g_ref[k], 2e-5, f"d{k}")
 
 
-def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens():
+@pytest.mark.parametrize("gate", ["epilogue", "kernels"])
+def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens(gate, monkeypatch):
     """The launch plan of a mixed batch: per plugin, the rank-space GEMMs and gates cover its own
     tokens and ranks only, read its own tensors (nothing concatenated), and the unrouted tokens do
-    no rank work (only the base product)."""
+    no rank work (only the base product). Every plugin here fits the gate epilogues; ``kernels``
+    narrows the epilogue's limit so that all of them take the gate kernels instead."""
+    if gate == "kernels":
+        monkeypatch.setattr(fused_linear, "GATE_EPILOGUE_MAX", 0)
     ranks, experts, counts, T, D, N = (8, 12, 4), (2, 3, 4), (5, 0, 3), 10, 19, 23
     meta = dict(device="meta")
     x, W, dy = torch.empty(T, D, **meta), torch.empty(N, D, **meta), torch.empty(T, N, **meta)
@@ -632,19 +636,25 @@ def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens():
     by_role = {}
     for launch in launches:
         by_role.setdefault(launch.role, []).append(launch)
-    assert [(l.args["M"], l.args["N"]) for l in by_role["ul"]] == [(5, 10), (3, 8)]
-    assert [l.args["b1_ptr"] for l in by_role["ul"]] == [As[0], As[2]]
-    assert [l.args["b1x_ptr"] for l in by_role["ul"]] == [routers[0], routers[2]]
-    # one gate launch over all plugins' segments (8 routed rows), the largest segment's row blocks
-    for role, r_width in (("gate_fwd", 12), ("gate_bwd", 12)):
-        (gate,) = by_role[role]
-        assert (gate.args["T"], gate.args["R"], gate.grid({"BLOCK_T": 2})) == (8, r_width, (3, 3))
+    ul, dh_db = ("ul_gate", "dh_db_gate") if gate == "epilogue" else ("ul", "dh_db")
+    assert [(l.args["M"], l.args["N"]) for l in by_role[ul]] == [(5, 10), (3, 8)]
+    assert [l.args["b1_ptr"] for l in by_role[ul]] == [As[0], As[2]]
+    assert [l.args["b1x_ptr"] for l in by_role[ul]] == [routers[0], routers[2]]
+    if gate == "epilogue":  # each plugin's gate in its own launches: its table row, its h / dUL rows
+        assert "gate_fwd" not in by_role and "gate_bwd" not in by_role
+        assert [l.args["GATE_Q"] for l in by_role[ul] + by_role[dh_db]] == [0, 2, 0, 2]
+        assert [l.args["h_ptr"].shape[0] for l in by_role[ul]] == [5, 3]
+        assert [(l.args["dh_ptr"].shape[0], l.args["ul_ptr"].shape[0]) for l in by_role[dh_db]] == [(5, 5), (3, 3)]
+    else:  # one gate launch over the segments (8 routed rows): the largest one's row blocks x the 2
+        for role, r_width in (("gate_fwd", 12), ("gate_bwd", 12)):  # plugins with tokens
+            (launch,) = by_role[role]
+            assert (launch.args["T"], launch.args["R"], launch.grid({"BLOCK_T": 2})) == (8, r_width, (3, 2))
     # y and dx: the unrouted tokens' base product, then each plugin's tokens with its rank columns
     for role, k_of in (("y_fused", "K2"), ("dx_fused", "K3")):
         assert [(l.args["M"], l.args[k_of]) for l in by_role[role]] == [(2, 0), (5, {"K2": 8, "K3": 2}[k_of]),
                                                                        (3, {"K2": 4, "K3": 4}[k_of])]
     assert [l.args["b2_ptr"] for l in by_role["y_fused"][1:]] == [Bs[0], Bs[2]]
-    assert [(l.args["T"], l.args["R"]) for l in by_role["dh_db"]] == [(5, 8), (3, 4)]
+    assert [(l.args["T"], l.args["R"]) for l in by_role[dh_db]] == [(5, 8), (3, 4)]
     assert [(l.args["M"], l.args["K1"], l.args["M_SPLIT"]) for l in by_role["dar"]] == [(10, 5, 8), (8, 3, 4)]
 
 
