@@ -31,9 +31,11 @@ def full_shape(t: torch.Tensor) -> torch.Size:
 
 
 def _zero():
-    import deepspeed  # optional (module docstring): only reached with partitioned parameters
+    """``deepspeed.runtime.zero.partition_parameters`` (``deepspeed.zero`` re-exports all but
+    ``unregister_external_parameter``)."""
+    import deepspeed.runtime.zero.partition_parameters as zero  # optional (module docstring): partitioned parameters only
 
-    return deepspeed.zero
+    return zero
 
 
 def gathered(params, write: bool = False):
