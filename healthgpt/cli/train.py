@@ -18,8 +18,8 @@ and the Trainer's ``checkpoint-N`` folders; it is the next stage's ``--init``. S
 Scale-out: ``torchrun --nproc_per_node 8 -m healthgpt.training ...`` (or ``accelerate launch``;
 several nodes: healthgpt/training/configs/README.md), ``--fsdp`` (FSDP2, one unit per Phi-3 / CLIP
 layer, on GPUs and on CPU processes; ``--fsdp-config``, default ``healthgpt/training/configs/fsdp.json``),
-``--deepspeed healthgpt/training/configs/zero2.json`` (ZeRO-2, on GPUs and CPU processes; ZeRO-3's
-``zero3.json`` is refused: HealthGPT cannot be built under ``zero.Init``), ``--bf16``,
+``--deepspeed healthgpt/training/configs/zero2.json`` or ``zero3.json`` (DeepSpeed ZeRO-2 / ZeRO-3, on
+GPUs and CPU processes; ZeRO-3 builds the model partitioned, under ``zero.Init``), ``--bf16``,
 ``--gradient-checkpointing``. ``--global-batch-size`` is kept whatever the number of processes:
 gradient accumulation = global / (per-device batch x processes).
 

@@ -4,14 +4,18 @@ Nothing trains as something else: an engine option that cannot run as asked stop
 ``EngineError`` naming why and what to use instead.
 
 - **DeepSpeed** (deepspeed 0.19.8 through the HF Trainer; causes in ``configs/README.md``, with file
-  and line): ZeRO-2 runs on GPUs and on CPU processes (gloo; ``healthgpt.training.run`` starts
-  ``deepspeed.comm``, which accelerate leaves unstarted on CPUs), mixed batches included: the run sets
-  ``HealthGPT.run_every_part``, so every process runs every plugin and projector (on zero rows when
-  its micro-batch has none of that task) and produces the same gradients in the same order, which
-  ZeRO-2's gradient buckets need. ZeRO-3 is refused everywhere: ``zero.Init`` partitions the LLM's
-  weights while it is built, and HealthGPT's constructor then reads and writes them (the new
-  vocabulary rows, ``resize_embeddings_with_mean``; the H-LoRA injection reads ``base.weight.shape``,
-  ``[0]`` once partitioned). ``--fsdp`` shards parameters instead.
+  and line): ZeRO-2 and ZeRO-3 run on GPUs and on CPU processes (gloo; ``healthgpt.training.run``
+  starts ``deepspeed.comm``, which accelerate leaves unstarted on CPUs), mixed batches included: the
+  run sets ``HealthGPT.run_every_part``, so every process runs every plugin, the vision tower and
+  every projector (on zero rows when its micro-batch has none of that task) and produces the same
+  gradients in the same order, which ZeRO's gradient buckets need, and joins the same ZeRO-3
+  parameter gathers. ZeRO-3 builds the model under ``zero.Init`` (transformers does, for the LLM and
+  the vision tower; its vocabulary resize makes whole new embedding matrices, partitioned later by
+  ``deepspeed.initialize`` with the plugins and projectors): the H-LoRA layers read the base's whole
+  shape (``ds_shape``) and register their plugins' tensors to be gathered with the base weight
+  (``hlora.layer.register_zero3_plugins``), ``--init`` copies each saved tensor in through a gather
+  (``hlora.copy_checked``, ``hlora.zero3``), and the final save gathers the model. ZeRO-3 with
+  ``--load-in-4bit`` is refused: 4-bit weights cannot be partitioned.
 - **FSDP** (``--fsdp``) is our FSDP2 engine (``healthgpt.training.fsdp``) on every device: the model
   is sharded before the Trainer sees it (accelerate 1.15 keeps DDP for CPU processes whatever its
   FSDP plugin says, so the Trainer's own FSDP would train unsharded there), with the options of
@@ -26,14 +30,10 @@ import json
 import os
 
 __all__ = ["EngineError", "check_engine", "load_deepspeed_config", "load_fsdp_config", "fsdp_engine_options",
-           "CONFIGS_DIR", "ZERO3_BUILD"]
+           "CONFIGS_DIR"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-ZERO3_BUILD = (
-    "--deepspeed with ZeRO-3 cannot build HealthGPT: zero.Init partitions the LLM's weights while the model is built, "
-    "and the constructor then reads and writes them (the new vocabulary rows; the H-LoRA plugins read each base "
-    "weight's shape, [0] once partitioned: hlora/layer.py); use --fsdp (FSDP2 shards after building) or ZeRO-2")
 # The keys transformers' TrainingArguments documents for ``fsdp_config`` (FSDP2).
 FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing", "cpu_ram_efficient_loading",
              "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params"}
@@ -46,16 +46,22 @@ ZERO_KEYS = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", 
              "stage3_gather_16bit_weights_on_model_save", "offload_optimizer", "offload_param"}
 
 
+# The launcher's settings, read once: transformers' TrainingArguments sets ACCELERATE_USE_DEEPSPEED in this
+# process for --deepspeed, which a later run of the same process must not take for accelerate launch's.
+LAUNCH_ENVIRON = {k: os.environ[k] for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if k in os.environ}
+
+
 class EngineError(ValueError):
     """An engine option that cannot run as asked; the message says why and what to use."""
 
 
-def check_engine(*, fsdp: bool, deepspeed: str | None, fp16: bool = False, environ=None) -> None:
+def check_engine(*, fsdp: bool, deepspeed: str | None, fp16: bool = False, load_in_4bit: bool = False,
+                 environ=None) -> None:
     """Raise ``EngineError`` for a combination that would not run as asked (module docstring).
-    ``environ`` (default ``os.environ``): an ``accelerate launch`` with an FSDP or DeepSpeed config
-    would hand the sharding to accelerate (which keeps DDP on CPU processes): refused, the engine
-    options of ``healthgpt train`` choose it."""
-    environ = os.environ if environ is None else environ
+    ``environ`` (default ``LAUNCH_ENVIRON``, the launcher's): an ``accelerate launch`` with an FSDP or
+    DeepSpeed config would hand the sharding to accelerate (which keeps DDP on CPU processes):
+    refused, the engine options of ``healthgpt train`` choose it."""
+    environ = LAUNCH_ENVIRON if environ is None else environ
     for engine, flag in (("FSDP", "--fsdp"), ("DEEPSPEED", "--deepspeed configs/zero2.json or zero3.json")):
         if environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
             raise EngineError(f"launched by accelerate with a {engine.lower()} config: healthgpt train shards the model "
@@ -65,8 +71,12 @@ def check_engine(*, fsdp: bool, deepspeed: str | None, fp16: bool = False, envir
     if fsdp and fp16:
         raise EngineError("--fsdp with --fp16: the FSDP engine has no sharded gradient scaler, so fp16 gradients could "
                           "underflow; use --bf16 (bf16 compute, fp32 master weights)")
-    if deepspeed and load_deepspeed_config(deepspeed)["zero_optimization"]["stage"] == 3:
-        raise EngineError(ZERO3_BUILD)
+    stage = load_deepspeed_config(deepspeed)["zero_optimization"]["stage"] if deepspeed else None
+    if stage == 3 and load_in_4bit:
+        raise EngineError("--deepspeed with ZeRO-3 and --load-in-4bit: ZeRO-3 partitions every parameter, which "
+                          "bitsandbytes 4-bit weights cannot be (transformers builds a quantized model outside zero.Init); "
+                          "drop --load-in-4bit (stage 3 of M3 and L14 fits one 80 GB GPU in bf16: "
+                          "healthgpt/training/configs/README.md) or use ZeRO-2")
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import transformers
 from transformers import TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from hlora import CheckpointError, adapter_layers
+from hlora import CheckpointError, adapter_layers, zero3
+from hlora.layer import register_zero3_plugins
 from hlora.files import atomic_write
 from healthgpt.constants import TASKS
 from healthgpt.data.dataset import Collator, build_dataset
@@ -56,6 +58,9 @@ __all__ = ["train_stage", "TrainArguments", "StageResult", "TrainError", "BatchG
 # finished stage). The loader knows them too: it refuses an unfinished run's folder as a model.
 RUN_FILE, STAGE_FILE = RUN_FILES
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# deepspeed is published as a source archive whose setup imports torch: built in pip's isolated
+# environment it would pull another torch, so it is built against the installed one
+DEEPSPEED_INSTALL = "with torch installed: pip install --no-build-isolation deepspeed (the hlora[deepspeed] extra)"
 
 
 @dataclass
@@ -133,9 +138,15 @@ def train_stage(args: TrainArguments, *, model: HealthGPT | None = None, model_o
 
     if args.deepspeed is not None and targs.use_cpu:
         start_deepspeed_comm()
+    # ZeRO-3 (the Trainer's DeepSpeed config says so): transformers builds the LLM and the vision tower
+    # under zero.Init, partitioned from the start (hlora.zero3)
     model, source, rebuild = build_model(args, preset, model, model_overrides, say)
-    # ZeRO reduces gradients in buckets filled as the backward produces them: the same graph on every process
+    # ZeRO reduces gradients in buckets filled as the backward produces them, and ZeRO-3 gathers each
+    # module's weights as it runs: the same graph on every process
     model.run_every_part = args.deepspeed is not None
+    if is_deepspeed_zero3_enabled():  # what makes transformers build under zero.Init
+        for layer in adapter_layers(model.llm):  # a model given built (not under zero.Init): before it is partitioned
+            register_zero3_plugins(layer)
     merged = sorted({layer.merged for layer in adapter_layers(model.llm) if layer.merged is not None})
     if merged:  # training would update plugin weights the merged base already holds: a later unmerge corrupts it
         raise TrainError(f"plugin {merged[0]!r} is merged into the model's base weights: call hlora.unmerge(model.llm) "
@@ -309,11 +320,11 @@ def trainer_arguments(args: TrainArguments, output: str, geometry: BatchGeometry
     if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
         raise TrainError(f"--deepspeed {args.deepspeed}: no such config file (examples: {CONFIGS_DIR}/zero2.json, zero3.json)")
     try:  # an engine that cannot run as asked stops here rather than train as something else
-        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, fp16=args.fp16)
+        check_engine(fsdp=args.fsdp, deepspeed=args.deepspeed, fp16=args.fp16, load_in_4bit=args.load_in_4bit)
     except EngineError as e:
         raise TrainError(str(e)) from None
     if args.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
-        raise TrainError("--deepspeed needs the deepspeed package, which is not installed (pip install hlora[deepspeed])")
+        raise TrainError(f"--deepspeed needs the deepspeed package, which is not installed ({DEEPSPEED_INSTALL})")
     distributed = geometry.processes > 1
     try:
         return TrainingArguments(
@@ -373,10 +384,21 @@ def fsdp_options(args: TrainArguments) -> dict | None:
 
 def start_deepspeed_comm() -> None:
     """``--deepspeed`` on CPU processes: accelerate's CPU state never starts ``deepspeed.comm`` (on
-    GPUs it does), so ZeRO-3's ``zero.Init`` would see a world size of 1; start it on the process
-    group the Trainer's arguments opened (gloo), before the model is built."""
-    import deepspeed  # optional: present whenever --deepspeed runs (trainer_arguments checked)
+    GPUs it does), so DeepSpeed would see a world size of 1 and ZeRO-3's ``zero.Init`` partition
+    nothing; start it on the process group the Trainer's arguments opened (gloo), before the model
+    is built.
 
+    Starting it on DeepSpeed's CPU accelerator JIT-compiles the ``deepspeed_shm_comm`` op (a
+    shared-memory all-reduce between the processes of one node; a C++ build of about 15 minutes on
+    a loaded 2-core machine), unless ``deepspeed.ops.__compatible_ops__`` says the op is unavailable,
+    which is the only switch it reads (``deepspeed.comm.torch.build_shm_op``; no environment
+    variable). It is switched off here: the reductions then go through the gloo group, as every
+    other collective of the run does, and a CPU run starts in seconds. Only this CPU path: on GPUs
+    accelerate starts the comm and NCCL reduces."""
+    import deepspeed  # optional: present whenever --deepspeed runs (trainer_arguments checked)
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
 
 
@@ -471,9 +493,7 @@ def _save_final(trainer: HealthGPTTrainer, model: HealthGPT, output: str, main: 
     outside collectives.
     """
     if trainer.is_deepspeed_enabled:
-        import deepspeed  # optional: present whenever --deepspeed runs
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with zero3.gathered(model.parameters()):  # ZeRO-3: every process joins the gather, the main one saves
             if main:
                 model.save_pretrained(output)
     elif fsdp.is_sharded(model):
