@@ -229,3 +229,30 @@ def test_compiled_step_matches_eager_and_compiles_once(model):
     assert counters["stats"]["unique_graphs"] == 1 and decoder._calls == 48
     with pytest.raises(ValueError, match="needs static=True"):
         model.generate([None], ["Why?"], "comp", static=False, compile=True)
+
+
+def test_each_compiled_decoder_holds_its_own_graph(model, monkeypatch):
+    """Dynamo keeps at most ``recompile_limit`` graphs per code object and, under ``fullgraph``, fails
+    past it: decoders of more shapes than that in one process each compile their own copy of the step
+    (here with the limit at 1, two shapes, traced by the eager backend to keep the test short), and
+    each compiled step gives the eager step's logits."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    images, texts, tasks = [_image(13), None], ["Describe it.", "A brain MRI, axial."], ["comp", "gen"]
+    embeds, mask = _inputs(model, images, texts, tasks)
+    head = model.llm.get_output_embeddings()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        for max_len in (mask.shape[1] + 3, mask.shape[1] + 5):
+            eager = StaticDecoder(model.llm, mask, 3, None, (head.weight, None), max_len=max_len, live_columns=False)
+            compiled = StaticDecoder(model.llm, mask, 3, None, (head.weight, None), max_len=max_len, compile=True)
+            assert compiled.live_columns is False
+            for decoder in (eager, compiled):
+                tokens = decoder.prefill(embeds)[1].argmax(-1)
+            for _ in range(3):  # the first eager, then compiled
+                want, got = eager.step(tokens)[1], compiled.step(tokens)[1]
+                # traced, SDPA takes GQA heads repeated instead of packed: the same math, summed in another order
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+                tokens = want.argmax(-1)
+    with pytest.raises(ValueError, match="one shape"):
+        StaticDecoder(model.llm, mask, 3, None, (head.weight, None), compile=True, live_columns=True)

@@ -26,8 +26,11 @@ text rows up to a stop token or ``max_new_tokens``); the difference is how the w
   decoder's buffers already have fixed addresses, while cudagraph trees would copy the tokens,
   positions and masks in every replay and skip a graph whose inputs are mutated in place, which the
   cache update and the position counter are; and one capture path serves both steps). The positions
-  and the write column are device tensors, so steps do not recompile; dynamo caches the graph on
-  ``step_fn``'s code, so a later decoder of the same shapes (and routing layout) reuses it.
+  and the write column are device tensors, so steps do not recompile. Each decoder compiles a copy of
+  ``step_fn``'s code: dynamo keeps its graphs per code object, at most ``recompile_limit`` (8) of
+  them, and under ``fullgraph`` the ninth decoder shape of a process would be an error; a copy per
+  decoder holds that decoder's graph alone and frees it with the decoder (a later decoder of the same
+  shapes traces again, and finds inductor's compiled code in its on-disk cache).
 - reuse (``decoder_for``): a model keeps its last few decoders, keyed on everything the captured step
   reads or depends on (batch, cache length rounded up to ``LENGTH_BUCKET`` columns, dtype, device,
   heads, the routing, every parameter's storage, merged plugins, attention implementation, compiled
@@ -38,6 +41,7 @@ text rows up to a stop token or ``max_new_tokens``); the difference is how the w
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +133,11 @@ class StaticDecoder:
         if self.live_columns and (self.use_graph or compile):
             raise ValueError("a CUDA graph and a compiled step take one shape: live_columns needs use_graph=False "
                              "and compile=False")
-        # dynamic=False: one specialised graph per shape, never a symbolic one (a decoder's shapes never change)
-        self._compiled = torch.compile(self.step_fn, fullgraph=True, dynamic=False) if compile else None
+        self._compiled = None
+        if compile:  # dynamic=False: one graph specialised to the decoder's shapes, which never change
+            step = types.FunctionType(StaticDecoder.step_fn.__code__.replace(), StaticDecoder.step_fn.__globals__,
+                                      "step_fn")  # this decoder's own code object (module docstring)
+            self._compiled = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)
         self._calls = 0  # steps run over the decoder's life (``reset`` keeps it): the first is eager
         # every decoder layer gets a full-length static layer: a sliding window is applied by the mask
         self.cache = Cache(layers=[LiveStaticLayer(max_cache_len=self.max_len) for _ in range(llm.config.num_hidden_layers)])
