@@ -40,7 +40,6 @@ from healthgpt.model.config import TINY_VQ, _plugins
 from healthgpt.training.distributed import CONFIGS_DIR
 from healthgpt.training.run import DEEPSPEED_INSTALL, train_stage
 from healthgpt.training.trainer import read_loss_log
-from test_train_fsdp import _cli_arguments, _losses, _state, _trained, _worst  # the FSDP launch test's helpers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,6 +219,15 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def _cli_arguments(*flags):
+    from transformers import HfArgumentParser
+
+    from healthgpt.cli.train import train_arguments
+    from healthgpt.training.arguments import TrainArguments
+
+    return train_arguments(HfArgumentParser(TrainArguments).parse_args(list(flags)))
+
+
 @pytest.fixture(scope="module")
 def launch(training_subset, tmp_path_factory):
     """The starting model, the 2-process launch (ZeRO-2, then ZeRO-3) and, meanwhile, the single-process reference."""
@@ -253,6 +261,23 @@ def launch(training_subset, tmp_path_factory):
         proc.kill()
     assert proc.returncode == 0, log[-6000:]
     return {"out": out, "one": one, "init": init, "reports": [json.load(open(out / f"report-{r}.json")) for r in (0, 1)]}
+
+
+def _state(path) -> dict:
+    return {k: v.detach().clone() for k, v in HealthGPT.from_pretrained(str(path)).state_dict().items()}
+
+
+def _trained(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".plugins." in k or k.startswith("projectors.")}
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _losses(path) -> list:
+    return [(r["step"], r["loss"]) for r in read_loss_log(str(path)) if "loss" in r]
 
 
 def test_zero3_builds_the_model_partitioned(launch):
