@@ -11,14 +11,15 @@ gradients are the run without the flag's.
 
 Then one 2-process launch (torchrun, gloo, ``DS_ACCELERATOR=cpu``: the code path of a GPU cluster
 with gloo for NCCL) of stage 3, mixed tasks routed per sample, both plugins and the projectors
-training, 2 micro-batches accumulated per step, from a saved model (``--init``): ZeRO-2, then ZeRO-3
-with activation checkpointing. The single-process reference (same global batch, no DeepSpeed)
+training, 2 micro-batches accumulated per step, from a saved model (``--init``): a ZeRO-3 run saving
+every step, killed (SIGKILL) once checkpoint-1 is written and resumed by the restarted processes;
+then ZeRO-2, and ZeRO-3 with activation checkpointing. The single-process reference (same global batch, no DeepSpeed)
 trains in the test process meanwhile. Checked: ZeRO-3 built and loaded the model partitioned
 (``zero.Init``: the new vocabulary rows written through a gather, the H-LoRA layers' shapes and
 their plugins registered to be gathered with them), each rank holds about half of every
 parameter (the local partitions' sizes, ``ds_tensor``) and of the optimizer state, losses and
 final weights equal one process, the final save (gathered) loads with ``HealthGPT.from_pretrained``
-on one process. deepspeed is a test dependency (``.ci/run`` installs it): without it the launch
+on one process, and the resumed run ends with the uninterrupted ZeRO-3 run's loss and weights. deepspeed is a test dependency (``.ci/run`` installs it): without it the launch
 test fails, saying how to install it."""
 
 import importlib.util
@@ -127,6 +128,7 @@ def test_every_process_produces_every_gradient_in_the_same_order(model):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
+SAVE_AT = 1  # the killed attempt's last checkpoint
 # `healthgpt train` flags shared by the workers and the reference. Dropout off: its random masks would
 # differ between one process and two; no warm-up: the first step already moves the weights, so the
 # second step's loss checks the first update.
@@ -139,8 +141,9 @@ RUNS = {"zero2": ["--deepspeed", os.path.join(CONFIGS_DIR, "zero2.json"), "--per
                   "--gradient-checkpointing"]}
 
 WORKER = textwrap.dedent("""
-    import json, math, os, sys
+    import json, math, os, signal, sys
     import torch
+    import torch.distributed as dist
     from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
     import hlora
     from hlora.zero3 import full_shape, gathered, is_partitioned
@@ -151,9 +154,15 @@ WORKER = textwrap.dedent("""
     from healthgpt.training.run import start_deepspeed_comm, train_stage
 
     out, data, cache, init = sys.argv[1:5]
-    flags, runs = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+    flags, runs, save_at = json.loads(sys.argv[5]), json.loads(sys.argv[6]), int(sys.argv[7])
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
+    # the restarted ranks reuse torchrun's store, where the dead ranks' gloo addresses are still
+    # published: a prefix per attempt keeps them apart (deepspeed.comm and the Trainer use this group)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    rank = dist.get_rank()
 
     def registered(layer):  # what ZeRO-3 gathers with the layer besides its own weight and bias
         return {id(p) for _, p in layer.ds_external_parameters()} if hasattr(layer, "ds_external_parameters") else set()
@@ -162,8 +171,13 @@ WORKER = textwrap.dedent("""
         return all({id(p) for p in layer.plugins.parameters()} <= registered(layer) for layer in hlora.adapter_layers(model.llm))
 
     class Probe(TrainerCallback):
-        def __init__(self):
-            self.report = {}
+        def __init__(self, kill_at=None):
+            self.kill_at, self.report = kill_at, {"steps": 0}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.kill_at:  # checkpoint-<kill_at> is complete: die without a clean exit
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.report["steps"] += 1
 
         def on_init_end(self, args, state, control, model=None, **kwargs):
             # as train_stage built (and loaded) it, before deepspeed.initialize partitions the rest
@@ -181,7 +195,20 @@ WORKER = textwrap.dedent("""
             self.report["optimizer"] = {"type": type(zero).__name__, "local": sum(t.numel() for t in flat),
                                         "full": sum(math.prod(full_shape(p)) for p in params if p.requires_grad)}
 
-    report = {}
+    def run(name, engine, *extra, kill_at=None):
+        parsed = HfArgumentParser(TrainArguments).parse_args(flags + runs[engine] + ["--data", data, "--cache-dir", cache,
+                                                                                     "--init", init, "--output", os.path.join(out, name), *extra])
+        probe = Probe(kill_at)
+        train_stage(train_arguments(parsed), callbacks=[probe], quiet=True)
+        return probe.report
+
+    if attempt == 0:  # ZeRO-3 saving every step, killed once checkpoint-<save_at> is written
+        run("resumed", "zero3", "--save-steps", "1", kill_at=save_at)
+        raise SystemExit("the first attempt must have been killed at its checkpoint")
+
+    # the restart: fresh processes, only what the killed ones left on disk
+    report = {"attempt": attempt, "left": sorted(os.listdir(os.path.join(out, "resumed")))}
+    report["resumed"] = run("resumed", "zero3", "--save-steps", "1", "--resume")
     # healthgpt train under ZeRO-3 without --init: transformers builds the LLM and CLIP under zero.Init
     zero3 = runs["zero3"][runs["zero3"].index("--deepspeed") + 1]
     targs = TrainingArguments(output_dir=os.path.join(out, "build"), deepspeed=zero3, use_cpu=True, ddp_backend="gloo",
@@ -208,14 +235,11 @@ WORKER = textwrap.dedent("""
     report["build"]["removed_unregistered"] = not gen & registered(layers[0]) and plugins_registered(model)
     del model, targs
 
-    for name, engine in runs.items():
-        parsed = HfArgumentParser(TrainArguments).parse_args(flags + engine + ["--data", data, "--cache-dir", cache,
-                                                                               "--init", init, "--output", os.path.join(out, name)])
-        probe = Probe()
-        train_stage(train_arguments(parsed), callbacks=[probe], quiet=True)
-        report[name] = probe.report
+    for name in runs:
+        report[name] = run(name, name)
     with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.destroy_process_group()
 """)
 
 
@@ -249,8 +273,8 @@ def launch(training_subset, tmp_path_factory):
     script.write_text(WORKER)
     penv = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
             "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out),
-           env["data"], env["cache"], init, json.dumps(FLAGS), json.dumps(RUNS)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+           str(script), str(out), env["data"], env["cache"], init, json.dumps(FLAGS), json.dumps(RUNS), str(SAVE_AT)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # its own VQ cache: the workers write theirs meanwhile
         one = tmp / "one"
@@ -324,3 +348,18 @@ def test_training_matches_one_process_and_the_saved_model_loads(launch, name):
     assert _worst(_trained(saved), _trained(expected)) < 5e-5
     frozen = [k for k in saved if k not in _trained(saved)]
     assert len(frozen) > 100 and _worst({k: saved[k] for k in frozen}, {k: start[k] for k in frozen}) == 0.0
+
+
+def test_zero3_killed_after_its_checkpoint_resumes_to_the_uninterrupted_run(launch):
+    out = launch["out"]
+    for r in launch["reports"]:
+        assert r["attempt"] == 1  # torchrun restarts only a failed attempt: the first one really died
+        # what the killed attempt left: a whole checkpoint, no staging folder, no final model
+        assert r["left"] == [f"checkpoint-{SAVE_AT}", "loss_log.jsonl", "run_config.json"], r["left"]
+        assert r["resumed"]["steps"] == STEPS - SAVE_AT
+    ckpt = out / "resumed" / f"checkpoint-{SAVE_AT}"
+    assert (ckpt / f"global_step{SAVE_AT}").is_dir()  # DeepSpeed's own partitioned model and optimizer state
+    info = json.load(open(out / "resumed" / "stage.json"))
+    assert info["resumed_from"].endswith(f"checkpoint-{SAVE_AT}") and info["steps"] == STEPS
+    assert _losses(out / "resumed")[-1] == _losses(out / "zero3")[-1]
+    assert _worst(_trained(_state(out / "resumed")), _trained(_state(out / "zero3"))) < 1e-6
