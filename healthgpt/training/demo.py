@@ -11,7 +11,8 @@
 3. scores the held-out split with the evaluation suite's own code (what ``healthgpt eval`` runs:
    ``runner.run_text``/``run_image``, ``scoring.score_text_rows``/``score_image_rows``: closed
    accuracy, open recall, SSIM/PSNR/MSE at the tokenizer's resolution) before training and after
-   each stage, training stage 1 -> 2 -> 3 with the Trainer (each stage's folder is the next one's ``--init``),
+   each stage, training stage 1 -> 2 -> 3 with the Trainer (each run's folder is the next one's ``--init``; stage 3
+   is two runs, comprehension then generation, each training its own plugin and projector: ``RUNS``),
 4. prints one table (untrained, stage 1, 2, 3 x closed accuracy, open recall, SSIM, PSNR) next to
    the majority-class baseline, writes it to ``DIR/summary.json``, the panel ``DIR/heldout_panel.png``
    (input | target | untrained | trained), every stage's loss log and ``DIR/loss_curves.png``.
@@ -37,12 +38,13 @@ from healthgpt.cli import subcommand
 __all__ = ["add_demo_arguments", "run_demo", "register", "demo", "loss_fell", "DemoConfig", "QUICK", "GOALS",
            "evaluate_heldout", "majority_baseline", "check_goals"]
 
-STAGES = (
-    (1, "mixed", "align"),
+RUNS = (  # (stage, task, training file) of each training run; stage 3 trains each task's plugin + projector in its own
+    (1, "mixed", "align"),  # run (the presets' stage-3 comp and gen columns), each with its own steps and batch
     (2, "mixed", "mixed"),
-    (3, "mixed", "instruct"),
+    (3, "comp", "instruct"),
+    (3, "gen", "instruct"),
 )
-_SHORT = {1: "projectors + gen plugin", 2: "embeddings + lm_head", 3: "plugins + projectors"}
+_SHORT = {1: "projectors + gen plugin", 2: "embeddings + lm_head", 3: "plugin + projector"}
 VQA_BENCH = "slake"  # held-out questions are scored as a SLAKE-style VQA benchmark (closed yes/no + open)
 IMAGE_BENCH = "reconstruction"  # image family; rows are grouped by their own task
 GOALS = {"closed_gain": 30.0, "ssim_gain": 0.10}  # points of closed accuracy over untrained; SSIM (0..1) gain
@@ -50,28 +52,31 @@ GOALS = {"closed_gain": 30.0, "ssim_gain": 0.10}  # points of closed accuracy ov
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo trains, how long, at which rates. The default aims at ``GOALS`` within ~330 CPU seconds;
-    it reaches the closed-accuracy gain, not the majority baseline nor the SSIM gain (benchmarks/RESULTS.md
-    has what it measured). Stage 2 (the fusion layer) learns fastest per CPU second, so it gets most steps."""
+    """What the demo trains, how long, at which rates: one entry of ``steps``, ``batch_sizes`` and ``lrs`` per
+    ``RUNS`` entry (stage 1, stage 2, stage 3 comp, stage 3 gen). The default aims at ``GOALS`` within ~170 CPU
+    seconds (benchmarks/RESULTS.md has what it measured and which goals it meets). Reading the image takes the
+    comprehension plugin thousands of samples, so stage 3 comp gets most of them."""
 
-    steps: tuple = (10, 160, 80)  # optimizer steps of stages 1, 2, 3
-    batch_size: int = 4  # one micro-batch per step: the 40k-row lm_head over every position sets the step's cost
-    lrs: tuple = ((1e-2, 1e-2), (1e-2, 2e-2), (5e-3, 5e-3))  # (projector lr, lr) per stage
+    steps: tuple = (10, 160, 250, 150)  # optimizer steps of each run
+    batch_sizes: tuple = (4, 4, 8, 4)  # one micro-batch per step
+    lrs: tuple = ((1e-2, 1e-2), (1e-2, 2e-2), (3e-3, 3e-3), (5e-3, 5e-3))  # (projector lr, lr) per run
     vq_steps: tuple = (300, 200)  # image tokenizer: autoencoder steps, decoder steps on the k-means codebook
     vq_codes: int = 64  # k-means codebook size of the pretrained image tokenizer
+    plugin_ranks: tuple = (64, 64)  # comp, gen H-LoRA total ranks (4 experts each): the tiny preset's 8 / 16 (2 / 4
+    # per expert) do not learn to read the image in this budget; rank 16 per expert does (benchmarks/RESULTS.md)
     image_size: int = 32  # 4 x 4 = 16 codes per image: the vision tower's 4 x 4 patch grid
     max_new_tokens: int = 12
     threads: int = 1  # tiny matrices: a second thread (spinning on a shared CPU) costs more CPU time than it saves
 
 
-QUICK = DemoConfig(steps=(10, 30, 30), vq_steps=(60, 40))  # tests: learns something, not the goals
+QUICK = DemoConfig(steps=(10, 30, 20, 20), vq_steps=(60, 40))  # tests: learns something, not the goals
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = DemoConfig()
     parser.add_argument("--out", default="healthgpt-demo", help="output folder (default ./healthgpt-demo)")
-    parser.add_argument("--steps", type=int, nargs=3, default=list(d.steps), metavar=("S1", "S2", "S3"),
-                        help=f"optimizer steps of stages 1, 2, 3 (default {' '.join(map(str, d.steps))})")
+    parser.add_argument("--steps", type=int, nargs=4, default=list(d.steps), metavar=("S1", "S2", "S3COMP", "S3GEN"),
+                        help=f"optimizer steps of stage 1, stage 2, stage 3 comp, stage 3 gen (default {' '.join(map(str, d.steps))})")
     parser.add_argument("--vq-steps", type=int, nargs=2, default=list(d.vq_steps), metavar=("AE", "DEC"),
                         help=f"image tokenizer pretraining: autoencoder steps, decoder steps (default {' '.join(map(str, d.vq_steps))})")
     parser.add_argument("--image-size", type=int, default=d.image_size, choices=(32, 64, 128, 256),
@@ -216,6 +221,10 @@ def _panel(first: dict, last: dict, path: str, tile: int = 128) -> str:
     return path
 
 
+def _run_title(run: dict) -> str:
+    return f"stage {run['stage']}" + (f" {run['task']}" if run["task"] != "mixed" else "")
+
+
 def _table(rows: list, baseline: float, ceiling: dict) -> str:
     lines = [f"  {'held-out':10s} {'closed acc':>10s} {'open recall':>11s} {'SSIM':>6s} {'PSNR':>6s}"]
     for r in rows:
@@ -258,7 +267,7 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
 
     from healthgpt.data.samples import build_sample_set, default_cache_dir
     from healthgpt.evaluation.data import load_samples
-    from healthgpt.model.config import TINY_VQ, HealthGPTConfig
+    from healthgpt.model.config import TINY_VQ, HealthGPTConfig, _plugins
     from healthgpt.model.healthgpt import HealthGPT
     from healthgpt.training.run import TrainArguments, train_stage
     from healthgpt.training.trainer import read_loss_log
@@ -277,7 +286,7 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
     grid = config.image_size // 8
     vq = dict(TINY_VQ, resolution=config.image_size, attn_resolutions=(grid,))  # attention at the code grid, as the real f=8 VQGAN
     torch.manual_seed(seed)  # the random weights, then the stages (seeded by the Trainer): one seed, one run
-    model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=vq))
+    model = HealthGPT(HealthGPTConfig.preset("tiny", image_tokenizer_config=vq, plugins=_plugins(*config.plugin_ranks)))
     train_images = sorted({os.path.join(samples.root, r[k]) for r in rows_of["mixed"] for k in ("image", "target_image") if k in r})
     vq_result = pretrain_image_tokenizer(model.image_tokenizer, train_images, ae_steps=config.vq_steps[0],
                                          decoder_steps=config.vq_steps[1], active_codes=config.vq_codes, seed=seed, log=log)
@@ -288,12 +297,14 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
                "seconds": round(time.time() - t, 1)}]
     log(f"[demo] untrained: held-out closed accuracy {scores[0]['closed']:.1f}%, SSIM {scores[0]['ssim']:.3f} ({time.time() - t:.0f}s)")
     stages, init = [], None
-    for (stage, task, data_name), steps, (projector_lr, lr) in zip(STAGES, config.steps, config.lrs):
+    for i, ((stage, task, data_name), steps, batch, (projector_lr, lr)) in enumerate(
+            zip(RUNS, config.steps, config.batch_sizes, config.lrs)):
         t = time.time()
-        output = os.path.join(out, f"stage{stage}")
-        log(f"[demo] stage {stage} ({task}) on {data_name}.json: {steps} steps ...")
+        name = f"stage{stage}" + (f"_{task}" if task != "mixed" else "")
+        output = os.path.join(out, name)
+        log(f"[demo] stage {stage} ({task}) on {data_name}.json: {steps} steps of {batch} ...")
         args = TrainArguments(stage=stage, task=task, data=getattr(samples, data_name), output=output, init=init,
-                              preset="tiny", max_steps=steps, global_batch_size=config.batch_size, lr=lr,
+                              preset="tiny", max_steps=steps, global_batch_size=batch, lr=lr,
                               projector_lr=projector_lr, logging_steps=1, save_steps=steps, save_total_limit=1, seed=seed,
                               cache_dir=cache_dir, overwrite=True, progress=progress)
         res = train_stage(args, model=model if init is None else None, quiet=not progress)
@@ -302,21 +313,25 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
         per_task = {t_: loss_fell(rows, f"loss_{t_}") for t_ in ("comp", "gen")}
         trained = ", ".join(g["name"] for g in res.summary["trained"])
         train_seconds = time.time() - t
+        stages.append({"stage": stage, "task": task, "output": output, "steps": res.steps, "batch": batch,
+                       "seconds": round(train_seconds, 1), "trained": trained, "lr": lr, "projector_lr": projector_lr,
+                       "loss_start": first, "loss_end": last,
+                       "per_task": {k: {"start": v[0], "end": v[1]} for k, v in per_task.items() if v[0] is not None},
+                       "fell": first is not None and last < first, "loss_curve": res.loss_curve})
+        log(f"[demo]   trained {trained}: loss {first:.3f} -> {last:.3f} in {train_seconds:.0f}s")
+        init, model = output, None
+        if i + 1 < len(RUNS) and RUNS[i + 1][0] == stage:
+            continue  # the stage's other run next: score the stage once both are done
         trained_model = HealthGPT.from_pretrained(output).eval()
         score = evaluate_heldout(trained_model, samples, os.path.join(out, "eval", f"stage{stage}"), config.max_new_tokens)
         scores.append({"model": f"stage {stage}", **score, "seconds": round(time.time() - t - train_seconds, 1)})
-        stages.append({"stage": stage, "task": task, "output": output, "steps": res.steps, "seconds": round(train_seconds, 1),
-                       "trained": trained, "lr": lr, "projector_lr": projector_lr, "loss_start": first, "loss_end": last,
-                       "per_task": {k: {"start": v[0], "end": v[1]} for k, v in per_task.items() if v[0] is not None},
-                       "fell": first is not None and last < first, "loss_curve": res.loss_curve})
-        log(f"[demo]   trained {trained}: loss {first:.3f} -> {last:.3f} in {train_seconds:.0f}s; held-out closed "
-            f"accuracy {score['closed']:.1f}%, open recall {score['open_recall']:.1f}%, SSIM {score['ssim']:.3f}")
-        init, model = output, None
+        log(f"[demo]   stage {stage}: held-out closed accuracy {score['closed']:.1f}%, open recall "
+            f"{score['open_recall']:.1f}%, SSIM {score['ssim']:.3f}")
 
     first_row, final = scores[0], scores[-1]
     goals = check_goals(first_row, final, baseline)
     panel = _panel(first_row, final, os.path.join(out, "heldout_panel.png"))
-    curves = _plot_all([(f"stage {s['stage']}: {_SHORT[s['stage']]}", read_loss_log(s["output"])) for s in stages],
+    curves = _plot_all([(_run_title(s) + f": {_SHORT[s['stage']]}", read_loss_log(s["output"])) for s in stages],
                        os.path.join(out, "loss_curves.png"))
     table = [{k: r[k] for k in ("model", "closed", "open_recall", "ssim", "psnr", "mse")} for r in scores]
     learned = [
@@ -344,8 +359,8 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
         f"codebook of {vq_result.active_codes} codes, {config.vq_steps[1]} decoder steps; then frozen like the real model's")
     for s in stages:
         tasks = "  ".join(f"{k} {v['start']:.2f}->{v['end']:.2f}" for k, v in s["per_task"].items())
-        log(f"  stage {s['stage']}: {s['steps']} steps, {s['seconds']:.0f}s, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f}"
-            f" [{tasks}]  ({s['trained']})")
+        log(f"  {_run_title(s)}: {s['steps']} steps of {s['batch']}, {s['seconds']:.0f}s, loss {s['loss_start']:.3f} -> "
+            f"{s['loss_end']:.3f} [{tasks}]  ({s['trained']})")
     log(_table(scores, baseline, ceiling))
     for goal, met in goals.items():
         log(f"  goal {'met' if met else 'NOT MET'}: {goal}")
