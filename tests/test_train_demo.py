@@ -56,9 +56,10 @@ def test_short_demo_learns_and_reports_the_table(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = demo(out=str(out), config=QUICK, cache_dir=str(tmp_path / "cache"))
     printed = capsys.readouterr().out
-    assert [s["stage"] for s in summary["stages"]] == [1, 2, 3]
-    inits = [json.load(open(os.path.join(s["output"], "stage.json")))["init"] for s in summary["stages"]]
-    assert inits == [None, summary["stages"][0]["output"], summary["stages"][1]["output"]]
+    runs = summary["stages"]
+    assert [(s["stage"], s["task"]) for s in runs] == [(1, "mixed"), (2, "mixed"), (3, "comp"), (3, "gen")]
+    inits = [json.load(open(os.path.join(s["output"], "stage.json")))["init"] for s in runs]
+    assert inits == [None] + [s["output"] for s in runs[:-1]]  # each run starts from the one before
     # the tokenizer's pretraining and stage 2 (the fusion layer) learn even in this short run
     assert summary["image_tokenizer"]["loss_end"] < 0.8 * summary["image_tokenizer"]["loss_start"]
     s2 = summary["stages"][1]
@@ -68,11 +69,12 @@ def test_short_demo_learns_and_reports_the_table(tmp_path, capsys):
     assert [r["model"] for r in table] == ["untrained", "stage 1", "stage 2", "stage 3"]
     for r in table:
         assert 0 <= r["closed"] <= 100 and 0 <= r["open_recall"] <= 100 and -1 <= r["ssim"] <= 1 and r["psnr"] > 0
-    # learns at all: the untrained model names no held-out modality/body part/organ and draws noise; after
-    # stage 2 (the fusion layer) it names some and draws images closer to the held-out targets (a short run
-    # reaches the answer prior and the mean image, not the goals: benchmarks/RESULTS.md)
-    assert table[0]["open_recall"] < max(r["open_recall"] for r in table[2:])
-    assert table[0]["ssim"] < table[2]["ssim"]
+    # learns at all: every training run's loss falls (stage 3's comp and gen runs too), and the untrained model
+    # answers no held-out yes/no question in the strict format while after stage 2 it answers them (the answer
+    # prior: a short run reaches neither the image-conditioned answers nor the SSIM gain, benchmarks/RESULTS.md)
+    for run in runs[1:]:
+        assert run["loss_end"] < 0.8 * run["loss_start"], run["output"]
+    assert table[0]["closed"] == 0 and table[2]["closed"] >= 40 and table[3]["closed"] >= 40
     with open(summary["scores"][-1]["predictions"]["vqa"]) as f:
         assert len(f.readlines()) == summary["scores"][-1]["n_closed"] + summary["scores"][-1]["n_open"]
     assert json.load(open(out / "summary.json"))["table"] == table
@@ -84,8 +86,8 @@ def test_short_demo_learns_and_reports_the_table(tmp_path, capsys):
 
 
 def test_demo_arguments_and_loss_helper():
-    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--out", "x", "--steps", "5", "6", "7"])
-    assert (args.out, args.steps, args.image_size) == ("x", [5, 6, 7], 32) and callable(run_demo)
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--out", "x", "--steps", "5", "6", "7", "8"])
+    assert (args.out, args.steps, args.image_size) == ("x", [5, 6, 7, 8], 32) and callable(run_demo)
     assert args.require_goals is False  # README's main job reports the goals and exits 0 after a complete run
     assert add_demo_arguments(argparse.ArgumentParser()).parse_args(["--require-goals"]).require_goals is True
     rows = [{"loss": v} for v in (9, 8, 7, 6, 5, 4)]
