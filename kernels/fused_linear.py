@@ -483,11 +483,11 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
     if idx is not None:
         tiles = [t for t in tiles if t[0] * t[1] <= _INDEXED_TILE_MAX] or tiles[-1:]
-    candidates = _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles)
-    if gate is not None:  # one column tile spans the plugin's rank and logit columns
-        width = max(16, triton.next_power_of_2(N))
-        candidates = list({tile_name(t): t for t in (dict(t, BLOCK_N=max(t["BLOCK_N"], width))
-                                                     for t in candidates)}.values())
+    if gate is None:
+        candidates = _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles)
+    else:  # one column tile spans the plugin's rank and logit columns, at the tiles that do not
+        # spill with the gate epilogue (``_gate_gemm_tiles``, section 4: why there)
+        candidates = _gate_gemm_tiles(M, N)
     _run(Launch(role, _gemm_kernel, grid, args, consts, candidates, key, reset if atomic else None))
 
 
@@ -557,7 +557,7 @@ DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages); BLOCK_T 256 /
 
 
 def _dh_db_tiles(T, R, whole=False):
-    """Candidate tiles; ``whole``: one rank chunk spans all R columns (the gate epilogue)."""
+    """Candidate tiles; ``whole``: one rank chunk of all R columns (the gate epilogue: 64 rows spill)."""
     r_pow = max(16, triton.next_power_of_2(R))
 
     def chunk(cap):
@@ -566,9 +566,9 @@ def _dh_db_tiles(T, R, whole=False):
     if INTERPRET:
         return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=chunk(16), num_warps=4, num_stages=1)]
     tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=chunk(br), num_warps=w, num_stages=s)
-             for bt, bn, br, w, s in DH_DB_TILES]
+             for bt, bn, br, w, s in DH_DB_TILES if not (whole and bt == 64)]
     if T <= 64:
-        return [dict(BLOCK_T=64 if T > 16 else 16, BLOCK_N=64, BLOCK_R=chunk(64), num_warps=4, num_stages=3)]
+        return [dict(BLOCK_T=64 if T > 16 and not whole else 16, BLOCK_N=64, BLOCK_R=chunk(64), num_warps=4, num_stages=3)]
     unique = {tile_name(t): t for t in tiles}
     return list(unique.values())
 
@@ -895,15 +895,35 @@ def _gate(role, kernel, args, T, rows, R, ranks, experts, dropouts, seed, token_
     _run(Launch(role, kernel, grid, ordered, consts, [tile], ()))
 
 
-def _grouped_gates(role, kernel, args, Tr, R, counts, ranks, experts, scales, dropouts, seed):
+def _grouped_gates(role, kernel, args, Tr, R, counts, ranks, experts, scales, dropouts, seed, in_epilogue):
     """One gate kernel launch over the segments of the grouped plugins whose gates are not in an
-    epilogue (``_gate_in_epilogue``); none when all are."""
-    only = tuple(p for p, n in enumerate(counts) if n and not _gate_in_epilogue(ranks[p], experts[p]))
+    epilogue (``in_epilogue(p)`` false); none when all are."""
+    only = tuple(p for p, n in enumerate(counts) if n and not in_epilogue(p))
     if not only:
         return
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, args["ul_ptr"].device, counts=counts, only=only)
     pick = [ranks[p] for p in only], [experts[p] for p in only], [dropouts[p] for p in only]
     _gate(role, kernel, args, Tr, max(counts[p] for p in only), R, *pick, seed, None, meta, scale)
+
+
+# The gate epilogue's tiles. ptxas (compile gate, 2026-12-02) on the UL GEMM with the gate
+# epilogue at R=64 (64 + 4 and 64 + 32 columns in a 128-wide tile): 128x128 with 8 warps and 4
+# stages has no spills without dropout (202-255 registers); 128x128 with 4 warps spilled 656-3220 B
+# and 64x128 with 4 warps 12 B on sm_80 without dropout; with dropout (Philox on the whole tile)
+# every tile of 64+ rows spilled 1.1-54 KB. The 16-row tile (decode steps) spills nowhere. So the
+# forward epilogue runs only for plugins without dropout (``_forward_gate_in_epilogue``), at 128x128
+# (8 warps) or 16x128; dh_db_gate keeps its 128-row tiles (the 64-row one spilled 192 B on sm_80).
+
+
+def _gate_gemm_tiles(M, N):
+    width = max(16, triton.next_power_of_2(N))
+    if INTERPRET:
+        return [_tile(16, width, 16, 4, 1, group_m=2)]
+    return [_tile(16, width, 32, 4, 2) if M <= 16 else _tile(128, width, 64, 8, 4)]
+
+
+def _forward_gate_in_epilogue(rank: int, experts: int, dropout: float) -> bool:
+    return _gate_in_epilogue(rank, experts) and dropout == 0
 
 
 def _check_launch(x, R, dropouts):
@@ -943,7 +963,7 @@ def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, ex
     ul = _empty((T, padded(R + K)), torch.float32, dev)
     h = _empty((T, padded(R)), dt, dev)
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-    if len(ranks) == 1 and _gate_in_epilogue(R, K):  # the gate in the UL GEMM's epilogue
+    if len(ranks) == 1 and _forward_gate_in_epilogue(R, K, dropouts[0]):  # the gate in the UL GEMM's epilogue
         gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
         gemm("ul_gate", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX,
              gate=gate, h=h)
@@ -1067,7 +1087,7 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
         idx = order[s : s + n]
-        if _gate_in_epilogue(R_p, k_p):
+        if _forward_gate_in_epilogue(R_p, k_p, dropouts[p]):
             gemm("ul_gate", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
                  n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",),
                  gate=Gate(meta, scale, p, k_p, None, r_width, seed, dropouts[p] > 0), h=h[s : s + n])
@@ -1075,7 +1095,8 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
             gemm("ul", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
                  n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
     _grouped_gates("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
-                   Tr, r_width, counts, ranks, experts, scales, dropouts, seed)
+                   Tr, r_width, counts, ranks, experts, scales, dropouts, seed,
+                   lambda p: _forward_gate_in_epilogue(ranks[p], experts[p], dropouts[p]))
     N = Bs[0].shape[0]
     rest = order[Tr:]  # the unrouted tokens: the base alone
 
@@ -1159,7 +1180,7 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
         _grouped_gates("gate_bwd", _gate_bwd_kernel,
                        dict(ul_ptr=ul, dh_ptr=dh, dul_ptr=dul, stride_ul=ul.stride(0), stride_dh=dh.stride(0),
                             stride_dul=dul.stride(0)),
-                       Tr, max(ranks), counts, ranks, experts, scales, dropouts, seed)
+                       Tr, max(ranks), counts, ranks, experts, scales, dropouts, seed, lambda p: p not in separate)
     rest = order[Tr:]
 
     def dx_product(how):
