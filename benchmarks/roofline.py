@@ -28,6 +28,7 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
   plugin whose R + k columns fit a 128-wide tile (R=64: 68 -> 128; not R=256) has its gate in the
   UL GEMM's epilogue (``ul_gate``: UL and h from the accumulator, no gate launch, no UL read back
   from HBM) and its gate backward in the dh_db kernel's (``dh_db_gate``: dUL written, no fp32 dh).
+  Dropout 0, as everywhere here (with dropout the forward keeps the gate kernel: its epilogue spilled).
 - ``cublas``: the same rank-space launches as ``fused``; the adapter GEMM writes its product (+ bias) into y and
   dx first, then cuBLAS accumulates the base into them (``addmm_``, beta = 1: the extra C read
   hides under the compute-bound GEMM), as built.
