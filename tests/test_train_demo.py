@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from healthgpt.training.demo import QUICK, add_demo_arguments, check_goals, demo, loss_fell, majority_baseline, run_demo
+from healthgpt.training.demo import QUICK, DemoConfig, add_demo_arguments, check_goals, demo, loss_fell, majority_baseline, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend on a shared CPU
 
@@ -93,6 +93,8 @@ def test_demo_arguments_and_loss_helper():
     rows = [{"loss": v} for v in (9, 8, 7, 6, 5, 4)]
     assert loss_fell(rows) == (8.5, 4.5)
     assert loss_fell([]) == (None, None)
+    with pytest.raises(ValueError, match="one entry per training run"):
+        DemoConfig(steps=(10, 160, 80))  # the three-stage form: stage 3 is two runs
 
 
 def test_subcommands_register_with_the_healthgpt_cli():

@@ -68,6 +68,12 @@ class DemoConfig:
     max_new_tokens: int = 12
     threads: int = 1  # tiny matrices: a second thread (spinning on a shared CPU) costs more CPU time than it saves
 
+    def __post_init__(self):
+        for name in ("steps", "batch_sizes", "lrs"):
+            if len(getattr(self, name)) != len(RUNS):
+                raise ValueError(f"DemoConfig.{name} needs one entry per training run ({len(RUNS)}: stage 1, stage 2, "
+                                 f"stage 3 comp, stage 3 gen), got {getattr(self, name)!r}")
+
 
 QUICK = DemoConfig(steps=(10, 30, 20, 20), vq_steps=(60, 40))  # tests: learns something, not the goals
 
