@@ -11,6 +11,7 @@ Subclasses say how one plugin is stored and computed:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -23,7 +24,8 @@ from .functional import hlora_linear, hlora_mixture, router_gates
 from .routing import Routing, renumber
 from .zero3 import full_shape, is_partitioned, register_external, unregister_external
 
-__all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable", "register_zero3_plugins"]
+__all__ = ["AdapterLayer", "HLoRALinear", "MoELoRALinear", "LoRALinear", "Plugin", "is_adaptable", "register_zero3_plugins",
+           "stacks_as_built"]
 
 
 def _conv1d_cls():
@@ -251,7 +253,7 @@ class HLoRALinear(AdapterLayer):
                 x, base, bias, [p.A for p in ps], [p.B for p in ps], [p.router for p in ps],
                 [p.rank for p in ps], [p.num_experts for p in ps], [p.scale for p in ps],
                 token_plugin, self.routing.token_groups(x, keep), [p.dropout for p in ps], self.training,
-                stacked=lambda: self._stacked(ps),
+                stacked=lambda: self._stacked(names, ps),
             )
         return hlora_linear(
             x,
@@ -269,26 +271,51 @@ class HLoRALinear(AdapterLayer):
         )
 
 
-    def _stacked(self, ps):
-        """-> (A, B, router) of plugins ``ps`` stacked along the rank axis, or ``None`` when autograd
-        must see the concatenation (a plugin tensor requires grad and grad mode is on, or under
-        ``torch.compile``). For inference the stack is built once and kept while it is valid: it
-        remembers the tensors it was built from (the objects themselves, so a removed plugin's
-        cannot be mistaken for a new one's), their ``_version`` (bumped by every in-place write: an
-        optimizer step, ``load_state_dict``) and ``data_ptr`` (new storage: ``.to()``, ``.data =``),
-        so a mixed batch does not copy every plugin's weights per call (a decode step would, per
-        layer and step)."""
+    def _stacked(self, names, ps):
+        """-> (A, B, router) of plugins ``ps`` (named ``names``) stacked along the rank axis, or ``None``
+        when autograd must see the concatenation (a plugin tensor requires grad and grad mode is on).
+        For inference the stack is built once and kept while it is valid: it remembers the tensors
+        it was built from (the objects themselves, so a removed plugin's cannot be mistaken for a new
+        one's), their ``_version`` (bumped by every in-place write: an optimizer step,
+        ``load_state_dict``) and ``data_ptr`` (new storage: ``.to()``, ``.data =``), so a mixed batch
+        does not copy every plugin's weights per call (a decode step would, per layer and step).
+
+        Under ``torch.compile`` a graph cannot check versions: it concatenates itself, except inside
+        ``stacks_as_built()``, whose caller vouches that the stack an eager call built for these
+        plugins is current (a static decoder: its first step is eager, and it is keyed on every
+        parameter's version); the graph then reads that stack (guarded on the plugins' names)."""
         tensors = [t for p in ps for t in (p.A, p.B, p.router)]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return None  # a traced graph concatenates itself (it cannot guard on versions)
+        if torch.compiler.is_compiling():
+            cached = getattr(self, "_stack_cache", None)
+            if _stacks_as_built and cached is not None and cached[3] == tuple(names):
+                return cached[2]
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
         state = tuple((t._version, t.data_ptr()) for t in tensors)
         cached = getattr(self, "_stack_cache", None)
         if cached is None or cached[1] != state or len(cached[0]) != len(tensors) or any(
                 a is not b for a, b in zip(cached[0], tensors)):
             with torch.no_grad():
                 stack = (torch.cat([p.A for p in ps]), torch.cat([p.B for p in ps], 1), torch.cat([p.router for p in ps]))
-            self._stack_cache = cached = (tensors, state, stack)
+            self._stack_cache = cached = (tensors, state, stack, tuple(names))
         return cached[2]
+
+
+_stacks_as_built = False  # set by ``stacks_as_built``, read by ``HLoRALinear._stacked`` under torch.compile
+
+
+@contextlib.contextmanager
+def stacks_as_built():
+    """Within the block, a ``torch.compile``d mixed batch reads each layer's plugin stack as an eager
+    call last built it, rather than concatenating the plugins in the graph (``HLoRALinear._stacked``):
+    for a caller that knows no plugin changed since that eager call."""
+    global _stacks_as_built
+    previous, _stacks_as_built = _stacks_as_built, True
+    try:
+        yield
+    finally:
+        _stacks_as_built = previous
 
 
 def register_zero3_plugins(layer: AdapterLayer) -> None:

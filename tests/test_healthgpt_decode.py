@@ -10,6 +10,7 @@ from healthgpt import HealthGPT
 from healthgpt.model.config import TINY_PHI3, HealthGPTConfig
 from healthgpt.model.decode_static import StaticDecoder, prefill_mask
 from healthgpt.model.generation import decode, decode_eager
+from hlora.model import adapter_layers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,7 +158,6 @@ def test_decoder_is_kept_per_key_and_reused_for_prompts_of_other_lengths(model):
     the layers); new routing, an in-place weight update or a merged plugin get a new one; at most
     ``MAX_KEPT_DECODERS`` are kept. Every result equals the eager path's."""
     from healthgpt.model.decode_static import _KEPT_ATTR, MAX_KEPT_DECODERS
-    from hlora.model import adapter_layers
 
     llm, v = model.llm, model.gen_vocab
     llm.__dict__.pop(_KEPT_ATTR, None)
@@ -197,8 +197,9 @@ def test_decoder_is_kept_per_key_and_reused_for_prompts_of_other_lengths(model):
 def test_compiled_step_matches_eager_and_compiles_once(model):
     """``decode(compile=True)``: the step through ``torch.compile`` (inductor, fullgraph) gives the eager
     loop's tokens on a mixed batch (gen and comp rows, left padding); it is compiled once (no
-    recompilation from step to step: positions and the write column are tensors), and a second batch
-    of other prompt lengths reuses the kept decoder and its compiled step without recompiling."""
+    recompilation from step to step: positions and the write column are tensors, and the count of
+    columns attention reads, which grows every step, is a dynamic dimension), and a second batch of
+    other prompt lengths reuses the kept decoder and its compiled step without recompiling."""
     from torch._dynamo.utils import counters
 
     from healthgpt.model.decode_static import _KEPT_ATTR
@@ -215,13 +216,14 @@ def test_compiled_step_matches_eager_and_compiles_once(model):
         assert compiled == decode_eager(*args)
         return compiled, mask
 
-    first, mask1 = both([_image(9), None, _image(10, (30, 60))], ["A knee MRI.", "Name three bones.", "Any fracture?"],
-                        ["gen", "comp", "comp"])
+    with torch._dynamo.config.patch(error_on_recompile=True):  # 23 compiled steps, 23 column counts
+        first, mask1 = both([_image(9), None, _image(10, (30, 60))], ["A knee MRI.", "Name three bones.",
+                                                                      "Any fracture?"], ["gen", "comp", "comp"])
     assert len(set(mask1.sum(1).tolist())) == 3  # every row padded differently
     assert len(first[0]) == 25 and first[0][-1] == v.end and all(len(r) == 9 for r in first[1:])
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     (decoder, _), = llm.__dict__[_KEPT_ATTR].values()
-    assert decoder._compiled is not None and decoder._calls == 24
+    assert decoder._compiled is not None and decoder._calls == 24 and decoder.live_columns
     with torch._dynamo.config.patch(error_on_recompile=True):
         second, mask2 = both([_image(11), None, _image(12)], ["Convert this knee MRI to a CT scan, please.", "Why?",
                                                                "Describe it."], ["gen", "comp", "comp"])
@@ -234,10 +236,19 @@ def test_compiled_step_matches_eager_and_compiles_once(model):
 def test_each_compiled_decoder_holds_its_own_graph(model, monkeypatch):
     """Dynamo keeps at most ``recompile_limit`` graphs per code object and, under ``fullgraph``, fails
     past it: decoders of more shapes than that in one process each compile their own copy of the step
-    (here with the limit at 1, two shapes, traced by the eager backend to keep the test short), and
-    each compiled step gives the eager step's logits."""
+    (here with the limit at 1, two shapes, traced by a backend that keeps the graphs and runs them as
+    traced, to keep the test short), steps attending over more columns each reuse it, and each
+    compiled step gives the eager step's logits. The batch is mixed (comp and gen rows): the graph
+    reads each layer's plugin stack as the first, eager step built it, and concatenates no plugin
+    tensor."""
+    graphs = []
+
+    def keep(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": keep}))
     images, texts, tasks = [_image(13), None], ["Describe it.", "A brain MRI, axial."], ["comp", "gen"]
     embeds, mask = _inputs(model, images, texts, tasks)
     head = model.llm.get_output_embeddings()
@@ -246,7 +257,7 @@ def test_each_compiled_decoder_holds_its_own_graph(model, monkeypatch):
         for max_len in (mask.shape[1] + 3, mask.shape[1] + 5):
             eager = StaticDecoder(model.llm, mask, 3, None, (head.weight, None), max_len=max_len, live_columns=False)
             compiled = StaticDecoder(model.llm, mask, 3, None, (head.weight, None), max_len=max_len, compile=True)
-            assert compiled.live_columns is False
+            assert compiled.live_columns and not eager.live_columns
             for decoder in (eager, compiled):
                 tokens = decoder.prefill(embeds)[1].argmax(-1)
             for _ in range(3):  # the first eager, then compiled
@@ -254,5 +265,10 @@ def test_each_compiled_decoder_holds_its_own_graph(model, monkeypatch):
                 # traced, SDPA takes GQA heads repeated instead of packed: the same math, summed in another order
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
                 tokens = want.argmax(-1)
-    with pytest.raises(ValueError, match="one shape"):
-        StaticDecoder(model.llm, mask, 3, None, (head.weight, None), compile=True, live_columns=True)
+    assert len(graphs) == 2
+    for graph in graphs:
+        inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+        assert sum("_stack_cache_" in name for name in inputs) == 3 * len(adapter_layers(model.llm))  # A, B, router
+        cats = [n for n in graph.graph.nodes if n.target in (torch.cat, torch.ops.aten.cat.default)]
+        assert cats  # the rotary embedding's: the graph holds the concatenations the model does
+        assert not [n for n in cats if any("_plugins_" in getattr(a, "name", "") for a in n.args[0])]

@@ -17,12 +17,17 @@ text rows up to a stop token or ``max_new_tokens``); the difference is how the w
   flags only every ``check_every`` steps, and copies the tokens back once at the end.
 - without a CUDA graph (a CPU) attention reads only the columns written so far (the host knows how
   many without asking the device): a step then costs what the eager path's does, not ``L`` columns.
+  A CUDA graph replays one shape, so there every step attends over all ``L`` columns, masked (a
+  capture per column count would be a graph per step).
 - compiled (``compile=True``): the step runs through ``torch.compile`` (inductor, ``fullgraph``: the
-  hlora op and the cache update trace as one graph, no break) on the one shape a graph captures (all
-  ``L`` columns, masked). The first step of a decoder's life runs eagerly (it fills the routing's
-  per-shape caches, which a traced step must find filled: a fill inside the trace would be a side
-  effect and the next call a recompile), later steps call the compiled one. On CUDA the hand CUDA
-  graph below captures the compiled step (rather than inductor's ``mode="reduce-overhead"``: the
+  hlora op and the cache update trace as one graph, no break); on a CPU the count of columns read is
+  the graph's one dynamic dimension (``torch._dynamo.mark_dynamic`` on a view of the column indices
+  whose length it is), so one graph serves every step. The first step of a decoder's life runs
+  eagerly (it fills the routing's per-shape caches and, for a mixed batch, each layer's stack of its
+  plugins, which a traced step must find filled: a fill inside the trace would be a side effect and
+  the next call a recompile; the compiled step reads those stacks, ``hlora.layer.stacks_as_built``,
+  rather than concatenating the plugins' weights every step), later steps call the compiled one. On
+  CUDA the hand CUDA graph below captures the compiled step (rather than ``mode="reduce-overhead"``: the
   decoder's buffers already have fixed addresses, while cudagraph trees would copy the tokens,
   positions and masks in every replay and skip a graph whose inputs are mutated in place, which the
   cache update and the position counter are; and one capture path serves both steps). The positions
@@ -47,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, StaticLayer
 
+from hlora.layer import stacks_as_built
 from hlora.model import adapter_layers
 
 __all__ = ["StaticDecoder", "prefill_mask", "masked_attention", "decoder_for", "LENGTH_BUCKET", "MAX_KEPT_DECODERS"]
@@ -88,16 +94,18 @@ def prefill_mask(real: torch.Tensor, max_len: int, window: int | None) -> torch.
 
 
 class LiveStaticLayer(StaticLayer):
-    """A ``StaticLayer`` that gives attention only its first ``live`` columns (a host int; ``None``:
+    """A ``StaticLayer`` that gives attention only its first ``len(live)`` columns (``live``: the 1-D
+    tensor of those column indices, whose length is a dynamic dimension of a compiled step; ``None``:
     all ``max_cache_len``). Writes are ``StaticLayer``'s."""
 
-    live: int | None = None
+    live: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.live is None:
             return keys, values
-        return keys[:, :, : self.live], values[:, :, : self.live]
+        columns = self.live.shape[0]  # narrow, not a slice: a slice's end clamps, a branch on the length
+        return keys.narrow(2, 0, columns), values.narrow(2, 0, columns)
 
 
 class StaticDecoder:
@@ -111,8 +119,9 @@ class StaticDecoder:
             uses it): the ``<idx_*>`` rows of the output embeddings, and the whole output embeddings.
         use_graph: capture the step in a CUDA graph (CUDA only; ``None``: on CUDA devices).
         max_len: the cache's columns (at least ``T + steps``; default exactly that).
-        live_columns: attention reads only the columns written so far (shapes change every step);
-            ``None``: without a CUDA graph or compilation. ``False`` keeps the one shape a graph captures.
+        live_columns: attention reads only the columns written so far (a length that changes every step:
+            a dynamic dimension of the compiled step); ``None``: without a CUDA graph. ``False`` keeps all
+            ``max_len`` columns, the one shape a CUDA graph captures.
         compile: run the step through ``torch.compile`` (module docstring), from the decoder's second step on.
 
     ``reset`` starts another batch of the same size on the same buffers (and graph).
@@ -129,25 +138,29 @@ class StaticDecoder:
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the batch is on {self.device}")
-        self.live_columns = not (self.use_graph or compile) if live_columns is None else live_columns
-        if self.live_columns and (self.use_graph or compile):
-            raise ValueError("a CUDA graph and a compiled step take one shape: live_columns needs use_graph=False "
-                             "and compile=False")
+        # a CUDA graph replays one shape: capturing a step per column count would cost a graph per step
+        self.live_columns = not self.use_graph if live_columns is None else live_columns
+        if self.live_columns and self.use_graph:
+            raise ValueError("a CUDA graph captures one shape: live_columns needs use_graph=False")
         self._compiled = None
-        if compile:  # dynamic=False: one graph specialised to the decoder's shapes, which never change
+        if compile:  # one graph: static shapes except the live column count, marked dynamic (``_live``)
             step = types.FunctionType(StaticDecoder.step_fn.__code__.replace(), StaticDecoder.step_fn.__globals__,
                                       "step_fn")  # this decoder's own code object (module docstring)
-            self._compiled = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)
+            self._compiled = torch.compile(types.MethodType(step, self), fullgraph=True)
         self._calls = 0  # steps run over the decoder's life (``reset`` keeps it): the first is eager
         # every decoder layer gets a full-length static layer: a sliding window is applied by the mask
-        self.cache = Cache(layers=[LiveStaticLayer(max_cache_len=self.max_len) for _ in range(llm.config.num_hidden_layers)])
-        self.columns = torch.arange(self.max_len, device=self.device)
+        # a compiled step over live columns gets one spare column, never written nor read: a live count
+        # equal to the buffers' length would make its views contiguous, a case the graph specialises on
+        held = self.max_len + (compile and self.live_columns)
+        self.cache = Cache(layers=[LiveStaticLayer(max_cache_len=held) for _ in range(llm.config.num_hidden_layers)])
+        self.columns = torch.arange(held, device=self.device)
         # the step's inputs, static buffers that ``reset`` refills in place (a captured graph reads them)
-        self.key_real = torch.ones(self.batch, 1, 1, self.max_len, dtype=torch.bool, device=self.device)
+        self.key_real = torch.ones(self.batch, 1, 1, held, dtype=torch.bool, device=self.device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self._graph = None
         self._outputs = None
+        self._live_view = None  # the columns attention reads (``_live``)
         self.reset(attention_mask, steps)
 
     def reset(self, attention_mask: torch.Tensor, steps: int) -> None:
@@ -166,10 +179,16 @@ class StaticDecoder:
             layer.cumulative_length.zero_()
         self._steps_run = 0
 
-    def _live(self, columns: int | None) -> None:
-        """Attention reads the first ``columns`` cache columns (``None``: all; a captured graph has one shape)."""
+    def _live(self, columns: int) -> None:
+        """Attention reads the first ``columns`` cache columns (all of them without ``live_columns``). The
+        step and every layer read the count as the length of one view of ``self.columns``; for the
+        compiled step that length is a dynamic dimension, so a growing count does not recompile."""
+        live = self.columns[:columns] if self.live_columns else None
+        if live is not None and self._compiled is not None:
+            torch._dynamo.mark_dynamic(live, 0)
+        self._live_view = live
         for layer in self.cache.layers:
-            layer.live = columns if self.live_columns else None
+            layer.live = live
 
     # ---- the model calls ------------------------------------------------------------------------
 
@@ -181,7 +200,7 @@ class StaticDecoder:
     def prefill(self, inputs_embeds: torch.Tensor):
         """Run the prompts [B, T, H] into the cache -> the first step's (code logits, text logits)."""
         positions = (self.real.long().cumsum(-1) - 1).clamp(min=0)
-        mask = prefill_mask(self.real, self.max_len, self.window)
+        mask = prefill_mask(self.real, self.columns.shape[0], self.window)
         if self.live_columns:
             mask = mask[..., : self.prompt_len]
         self._live(self.prompt_len)
@@ -190,24 +209,29 @@ class StaticDecoder:
         return self._heads(out.last_hidden_state[:, -1])
 
     def step_fn(self):
-        """The fixed-shape step on the static buffers: feed ``self.tokens`` -> (code logits, text logits).
-        Reads the write column from the cache's device counter and advances ``self.positions``."""
+        """The step on the static buffers: feed ``self.tokens`` -> (code logits, text logits). Reads the
+        write column from the cache's device counter and advances ``self.positions``; attends over the
+        live columns (``_live``: up to the one this step writes) or all of them."""
         current = self.cache.layers[0].cumulative_length  # the column this step writes
-        visible = self.columns <= current
+        columns = self.columns if self._live_view is None else self._live_view
+        visible = columns <= current
         if self.window is not None:
-            visible = visible & (self.columns > current - self.window)
-        mask = self.key_real & visible
-        if self.live_columns:  # this step writes column prompt_len + _steps_run - 1, and attends up to it
-            mask = mask[..., : self.prompt_len + self._steps_run]
+            visible = visible & (columns > current - self.window)
+        mask = self.key_real.narrow(-1, 0, columns.shape[0]) & visible
         out = self.llm.model(input_ids=self.tokens, attention_mask=mask, position_ids=self.positions,
                              cache=self.cache, use_cache=True)
         self.positions.add_(1)
         return self._heads(out.last_hidden_state[:, -1])
 
     def _run(self):
-        """One step: eager on the decoder's first call, compiled (if asked) after."""
+        """One step: eager on the decoder's first call, compiled (if asked) after. The compiled step reads
+        the plugin stacks of a mixed batch as the eager step built them (``stacks_as_built``: the
+        decoder is keyed on every parameter's version, so none changed since)."""
         self._calls += 1
-        return self.step_fn() if self._compiled is None or self._calls == 1 else self._compiled()
+        if self._compiled is None or self._calls == 1:
+            return self.step_fn()
+        with stacks_as_built():
+            return self._compiled()
 
     def step(self, tokens: torch.Tensor):
         """Feed the chosen tokens [B] -> the next (code logits, text logits). On CUDA with ``use_graph`` the
