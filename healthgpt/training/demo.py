@@ -344,7 +344,8 @@ def _demo(out: str, config: DemoConfig, cache_dir: str | None, seed: int, progre
         f"held-out closed (yes/no) accuracy {first_row['closed']:.1f}% -> {final['closed']:.1f}% (majority-class baseline "
         f"{baseline:.1f}%, always '{majority}'); open-answer recall {first_row['open_recall']:.1f}% -> {final['open_recall']:.1f}%",
         f"held-out generated images SSIM {first_row['ssim']:.3f} -> {final['ssim']:.3f}, PSNR {first_row['psnr']:.2f} -> "
-        f"{final['psnr']:.2f} dB (the tokenizer's own reconstruction of the targets: SSIM {ceiling['ssim']:.3f})",
+        f"{final['psnr']:.2f} dB (the tokenizer's own reconstruction of the targets: SSIM {ceiling['ssim']:.3f}); by task: "
+        + ", ".join(f"{task} {first_row['tasks'][task]['ssim']:.3f} -> {v['ssim']:.3f}" for task, v in final["tasks"].items()),
     ]
     summary = {
         "out": out, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1), "config": asdict(config), "seed": seed,
