@@ -46,7 +46,10 @@ def test_every_kernel_and_role_is_compiled_for_both_archs(compiled):
     assert roles == {(role, arch) for role in ROLES for arch in (90, 80)}
     # the training shapes offer the tuner several tiles per GEMM role
     tiles = {role: {r["tile"] for r in compiled if role in r["roles"] and r["arch"] == 90} for role in ROLES}
-    assert all(len(tiles[role]) >= 3 for role in ROLES - {"gate_fwd", "gate_bwd", "dar"}), tiles
+    assert all(len(tiles[role]) >= 3 for role in ROLES - {"gate_fwd", "gate_bwd", "dar", "ul_gate"}), tiles
+    # the gate in the UL GEMM's epilogue: its two spill-free tiles (a decode step's and a training batch's)
+    assert tiles["ul_gate"] == {"BLOCK_K32-BLOCK_M16-BLOCK_N128-GROUP_M8-num_stages2-num_warps4",
+                                "BLOCK_K64-BLOCK_M128-BLOCK_N128-GROUP_M8-num_stages4-num_warps8"}, tiles["ul_gate"]
 
 
 def test_no_spills_and_shared_memory_within_the_arch_limit(compiled):
