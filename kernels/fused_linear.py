@@ -676,6 +676,15 @@ def _column_gates(ul_ptr, tp_ptr, rows, offs_t, t_ok, cols, col_ok, logit_col, r
 
 
 @triton.jit
+def _plugin(meta_ptr, scale_ptr, q):
+    """Plugin q's row of ``_plugin_meta``'s tables: (first rank column, first logit column, rank per
+    expert, experts, first row, scale, dropout p)."""
+    row = meta_ptr + 6 * q
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(scale_ptr + 2 * q), tl.load(scale_ptr + 2 * q + 1))
+
+
+@triton.jit
 def _plugin_rows(meta_ptr, q, T, BLOCK_T: tl.constexpr):
     """This program's rows of plugin q (of the T rows of the buffers): (row indices, in-range mask)."""
     first = tl.load(meta_ptr + 6 * q + 4)
@@ -696,13 +705,7 @@ def _gate_forward(acc, ul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_m, offs_n, M, s
                   HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_PAD: tl.constexpr):
     """h for a UL GEMM tile (``acc`` [BLOCK_M, BLOCK_N] = plugin q's columns of UL, already stored at
     ``ul_ptr``, rows ``offs_m``): ``_gate_fwd_kernel``'s values and dropout stream, in the epilogue."""
-    r_off = tl.load(meta_ptr + 6 * q)
-    logit_col = tl.load(meta_ptr + 6 * q + 1)
-    r_q = tl.load(meta_ptr + 6 * q + 2)
-    k_q = tl.load(meta_ptr + 6 * q + 3)
-    first = tl.load(meta_ptr + 6 * q + 4)
-    s_q = tl.load(scale_ptr + 2 * q)
-    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    r_off, logit_col, r_q, k_q, first, s_q, p_drop = _plugin(meta_ptr, scale_ptr, q)
     t_ok = offs_m < M
     rows = offs_m.to(tl.int64) * stride_ul
     _, z_max, total = _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD)
@@ -720,13 +723,7 @@ def _gate_backward(dh, ul_ptr, dul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, off
     """dUL from a dh block holding all of plugin q's rank columns (``_gate_bwd_kernel``'s math, in
     the dy pass's epilogue): du = dh s m g[e] and dlogits = g (dg - sum_e g dg), dg[e] = sum over
     expert e's columns of dh s m u."""
-    r_off = tl.load(meta_ptr + 6 * q)
-    logit_col = tl.load(meta_ptr + 6 * q + 1)
-    r_q = tl.load(meta_ptr + 6 * q + 2)
-    k_q = tl.load(meta_ptr + 6 * q + 3)
-    first = tl.load(meta_ptr + 6 * q + 4)
-    s_q = tl.load(scale_ptr + 2 * q)
-    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    r_off, logit_col, r_q, k_q, first, s_q, p_drop = _plugin(meta_ptr, scale_ptr, q)
     t_ok = offs_t < T
     t64 = offs_t.to(tl.int64)
     rows = t64 * stride_ul
@@ -766,11 +763,7 @@ def _gate_fwd_kernel(
     BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
 ):
     q = tl.program_id(1)
-    r_off = tl.load(meta_ptr + 6 * q)
-    r_q = tl.load(meta_ptr + 6 * q + 2)
-    k_q = tl.load(meta_ptr + 6 * q + 3)
-    s_q = tl.load(scale_ptr + 2 * q)
-    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    r_off, _, r_q, k_q, _, s_q, p_drop = _plugin(meta_ptr, scale_ptr, q)
     offs_t, t_ok = _plugin_rows(meta_ptr, q, T, BLOCK_T)
     rows = offs_t.to(tl.int64) * stride_ul
     g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, rows, q, HAS_ROUTING, K_PAD)
@@ -799,12 +792,7 @@ def _gate_bwd_kernel(
     # h = s * u * m * g[e] (m: dropout factor), so du = dh * s * m * g[e],
     # dg[e] = sum_j dh * s * u * m, and dlogits = g * (dg - sum_e g * dg) (softmax backward).
     q = tl.program_id(1)
-    r_off = tl.load(meta_ptr + 6 * q)
-    logit_col = tl.load(meta_ptr + 6 * q + 1)
-    r_q = tl.load(meta_ptr + 6 * q + 2)
-    k_q = tl.load(meta_ptr + 6 * q + 3)
-    s_q = tl.load(scale_ptr + 2 * q)
-    p_drop = tl.load(scale_ptr + 2 * q + 1)
+    r_off, logit_col, r_q, k_q, _, s_q, p_drop = _plugin(meta_ptr, scale_ptr, q)
     offs_t, t_ok = _plugin_rows(meta_ptr, q, T, BLOCK_T)
     t64 = offs_t.to(tl.int64)
     rows = t64 * stride_ul
