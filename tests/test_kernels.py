@@ -121,6 +121,26 @@ def assert_near(actual, expected, tol, what):
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def module_base(case, trainable: bool):
+    """``case`` with its base as an ``nn.Linear`` holding W and b (the layer runs the module's own
+    forward and autograd and adds the adapter into its output) -> (module, the case to run)."""
+    module = torch.nn.Linear(case["W"].shape[1], case["W"].shape[0]).to(DEV, case["W"].dtype).requires_grad_(trainable)
+    with torch.no_grad():
+        module.weight.copy_(case["W"])
+        module.bias.copy_(case["b"])
+    return module, {**case, "W": module, "b": None}
+
+
+def assert_matches_reference(y, w, grads, case, ranks, experts, scales, tp, dtype):
+    """y and the gradients of x, A, B, router (in their own dtypes) against the float64 reference."""
+    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
+    assert y.dtype == dtype
+    assert_near(y, y_ref, TOL[dtype], "y")
+    for k in ("x", "A", "B", "router"):
+        assert grads[k].dtype == case[k].dtype, k
+        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
+
+
 # ----------------------------------------------------------------------------------------------
 # forward and gradients
 # ----------------------------------------------------------------------------------------------
@@ -181,20 +201,8 @@ def test_strategies_and_a_module_base_match_float64(how, dtype, monkeypatch):
     ranks, experts, scales = (12, 4), (3, 4), (1.0, 3.0)
     case = make_case(70, 21, 19, ranks, experts, dtype)
     tp = torch.randint(-1, 2, (70,), generator=torch.Generator().manual_seed(5)).to(DEV)
-    if how == "module":
-        base = torch.nn.Linear(21, 19).to(DEV, dtype).requires_grad_(False)
-        with torch.no_grad():
-            base.weight.copy_(case["W"])
-            base.bias.copy_(case["b"])
-        y, w, grads = run({**case, "W": base, "b": None}, ranks, experts, scales, tp)
-    else:
-        y, w, grads = run(case, ranks, experts, scales, tp)
-    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
-    assert y.dtype == dtype
-    assert_near(y, y_ref, TOL[dtype], "y")
-    for k in ("x", "A", "B", "router"):
-        assert grads[k].dtype == case[k].dtype, k
-        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
+    y, w, grads = run(module_base(case, trainable=False)[1] if how == "module" else case, ranks, experts, scales, tp)
+    assert_matches_reference(y, w, grads, case, ranks, experts, scales, tp, dtype)
 
 
 def test_unknown_strategy_is_refused(monkeypatch):
@@ -774,25 +782,9 @@ def test_gate_epilogue_matches_float64(name, dtype):
     roles = [l.role for l in _recorded_roles(ranks, experts, T=T, grouped=grouped, dropout=0.0)]
     assert "ul_gate" in roles and "dh_db_gate" in roles
     assert ("gate_fwd" in roles) == (name == "grouped-one-wide-plugin")
-    module = None
-    if base == "module":
-        module = torch.nn.Linear(D, N).to(DEV, dtype)
-        with torch.no_grad():
-            module.weight.copy_(case["W"])
-            module.bias.copy_(case["b"])
-        case_run = {**case, "W": module, "b": None}
-    else:
-        case_run = case
-    if grouped:
-        y, w, grads = run_grouped(case_run, ranks, experts, scales, tp)
-    else:
-        y, w, grads = run(case_run, ranks, experts, scales, tp)
-    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp)
-    assert y.dtype == dtype
-    assert_near(y, y_ref, TOL[dtype], "y")
-    for k in ("x", "A", "B", "router"):
-        assert grads[k].dtype == case[k].dtype, k
-        assert_near(grads[k], g_ref[k], 2 * TOL[dtype], f"d{k}")
+    module, case_run = module_base(case, trainable=True) if base == "module" else (None, case)
+    y, w, grads = (run_grouped if grouped else run)(case_run, ranks, experts, scales, tp)
+    assert_matches_reference(y, w, grads, case, ranks, experts, scales, tp, dtype)
     if module is not None:  # dy reaches the base module's own autograd
         W64 = case["W"].double().requires_grad_()
         b64 = case["b"].double().requires_grad_()
