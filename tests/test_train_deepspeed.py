@@ -37,6 +37,7 @@ from PIL import Image
 
 import hlora
 from healthgpt import HealthGPT, HealthGPTConfig
+from healthgpt.cli.train import parse_train_arguments
 from healthgpt.model.config import TINY_VQ, _plugins
 from healthgpt.training.distributed import CONFIGS_DIR
 from healthgpt.training.run import DEEPSPEED_INSTALL, train_stage
@@ -144,13 +145,12 @@ WORKER = textwrap.dedent("""
     import json, math, os, signal, sys
     import torch
     import torch.distributed as dist
-    from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
     import hlora
     from hlora.zero3 import full_shape, gathered, is_partitioned
     from healthgpt import HealthGPT, HealthGPTConfig
-    from healthgpt.cli.train import train_arguments
+    from healthgpt.cli.train import parse_train_arguments
     from healthgpt.model.config import TINY_VQ
-    from healthgpt.training.arguments import TrainArguments
     from healthgpt.training.run import start_deepspeed_comm, train_stage
 
     out, data, cache, init = sys.argv[1:5]
@@ -196,10 +196,10 @@ WORKER = textwrap.dedent("""
                                         "full": sum(math.prod(full_shape(p)) for p in params if p.requires_grad)}
 
     def run(name, engine, *extra, kill_at=None):
-        parsed = HfArgumentParser(TrainArguments).parse_args(flags + runs[engine] + ["--data", data, "--cache-dir", cache,
-                                                                                     "--init", init, "--output", os.path.join(out, name), *extra])
+        parsed = parse_train_arguments(flags + runs[engine] + ["--data", data, "--cache-dir", cache, "--init", init,
+                                                              "--output", os.path.join(out, name), *extra])
         probe = Probe(kill_at)
-        train_stage(train_arguments(parsed), callbacks=[probe], quiet=True)
+        train_stage(parsed, callbacks=[probe], quiet=True)
         return probe.report
 
     if attempt == 0:  # ZeRO-3 saving every step, killed once checkpoint-<save_at> is written
@@ -243,15 +243,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _cli_arguments(*flags):
-    from transformers import HfArgumentParser
-
-    from healthgpt.cli.train import train_arguments
-    from healthgpt.training.arguments import TrainArguments
-
-    return train_arguments(HfArgumentParser(TrainArguments).parse_args(list(flags)))
-
-
 @pytest.fixture(scope="module")
 def launch(training_subset, tmp_path_factory):
     """The starting model, the 2-process launch (ZeRO-2, then ZeRO-3) and, meanwhile, the single-process reference."""
@@ -278,8 +269,8 @@ def launch(training_subset, tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # its own VQ cache: the workers write theirs meanwhile
         one = tmp / "one"
-        train_stage(_cli_arguments(*FLAGS, "--per-device-batch-size", "8", "--data", env["data"], "--init", init,
-                                   "--cache-dir", str(tmp / "cache-one"), "--output", str(one)), quiet=True)
+        train_stage(parse_train_arguments([*FLAGS, "--per-device-batch-size", "8", "--data", env["data"], "--init", init,
+                                           "--cache-dir", str(tmp / "cache-one"), "--output", str(one)]), quiet=True)
         log = proc.communicate(timeout=480)[0]
     finally:
         proc.kill()

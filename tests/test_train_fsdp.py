@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 
+from healthgpt.cli.train import parse_train_arguments
 from healthgpt.model.config import TINY_VQ
 from healthgpt.model.healthgpt import HealthGPT
 from healthgpt.training import fsdp
@@ -44,12 +45,11 @@ WORKER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     import torch.distributed as dist
-    from transformers import HfArgumentParser, TrainerCallback
+    from transformers import TrainerCallback
     import hlora
-    from healthgpt.cli.train import train_arguments
+    from healthgpt.cli.train import parse_train_arguments
     from healthgpt.model.config import TINY_VQ
     from healthgpt.training import fsdp
-    from healthgpt.training.arguments import TrainArguments
     from healthgpt.training.run import train_stage
 
     out, data, cache, flags, fsdp_flags = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
@@ -91,10 +91,10 @@ WORKER = textwrap.dedent("""
             self.report.setdefault("master", {"type": type(a).__name__, "param": str(a.dtype), "grad": str(a.grad.dtype)})
 
     def run(name, *extra, kill_at=None, engine=fsdp_flags):
-        parsed = HfArgumentParser(TrainArguments).parse_args(flags + engine + ["--data", data, "--cache-dir", cache,
-                                                                               "--output", os.path.join(out, name), *extra])
+        parsed = parse_train_arguments(flags + engine + ["--data", data, "--cache-dir", cache,
+                                                         "--output", os.path.join(out, name), *extra])
         probe = Probe(kill_at)
-        train_stage(train_arguments(parsed), model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)},
+        train_stage(parsed, model_overrides={"image_tokenizer_config": dict(TINY_VQ, resolution=32)},
                     callbacks=[probe], quiet=True)
         return probe.report
 
@@ -114,15 +114,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _cli_arguments(*flags):
-    from transformers import HfArgumentParser
-
-    from healthgpt.cli.train import train_arguments
-    from healthgpt.training.arguments import TrainArguments
-
-    return train_arguments(HfArgumentParser(TrainArguments).parse_args(list(flags)))
-
-
 @pytest.fixture(scope="module")
 def run(training_subset, tmp_path_factory):
     """The 2-process launch (killed once, restarted) and, meanwhile, the single-process reference."""
@@ -138,8 +129,8 @@ def run(training_subset, tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # its own VQ cache: the workers write theirs meanwhile
         one = tmp / "one"
-        train_stage(_cli_arguments(*FLAGS, "--per-device-batch-size", "8", "--data", env["data"],
-                                   "--cache-dir", str(tmp / "cache-one"), "--output", str(one)),
+        train_stage(parse_train_arguments([*FLAGS, "--per-device-batch-size", "8", "--data", env["data"],
+                                           "--cache-dir", str(tmp / "cache-one"), "--output", str(one)]),
                     model_overrides=MICRO, quiet=True)
         log = proc.communicate(timeout=480)[0]
     finally:

@@ -40,12 +40,18 @@ from transformers import HfArgumentParser
 from healthgpt.cli import CLIError, subcommand
 from healthgpt.training.arguments import TrainArguments, TrainError
 
-__all__ = ["run_train", "train_arguments", "register", "main"]
+__all__ = ["run_train", "train_arguments", "parse_train_arguments", "register", "main"]
 
 
 def train_arguments(args: argparse.Namespace) -> TrainArguments:
     """The parsed ``healthgpt train`` options as the ``TrainArguments`` they were made from."""
     return TrainArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArguments)})
+
+
+def parse_train_arguments(argv: list) -> TrainArguments:
+    """``healthgpt train``'s command line (without the program name) -> its ``TrainArguments``; an
+    unknown option or a bad value exits as argparse does."""
+    return train_arguments(HfArgumentParser(TrainArguments).parse_args(list(argv)))
 
 
 def run_train(args: argparse.Namespace) -> int:
