@@ -149,19 +149,15 @@ WORKER = textwrap.dedent("""
     import hlora
     from hlora.zero3 import full_shape, gathered, is_partitioned
     from healthgpt import HealthGPT, HealthGPTConfig
+    from restartable_group import init_process_group_for_this_attempt  # tests/, on PYTHONPATH
     from healthgpt.cli.train import parse_train_arguments
     from healthgpt.model.config import TINY_VQ
     from healthgpt.training.run import start_deepspeed_comm, train_stage
 
     out, data, cache, init = sys.argv[1:5]
     flags, runs, save_at = json.loads(sys.argv[5]), json.loads(sys.argv[6]), int(sys.argv[7])
-    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.set_num_threads(1)
-    # the restarted ranks reuse torchrun's store, where the dead ranks' gloo addresses are still
-    # published: a prefix per attempt keeps them apart (deepspeed.comm and the Trainer use this group)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    attempt = init_process_group_for_this_attempt()
     rank = dist.get_rank()
 
     def registered(layer):  # what ZeRO-3 gathers with the layer besides its own weight and bias
@@ -262,7 +258,8 @@ def launch(training_subset, tmp_path_factory):
     out.mkdir()
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    penv = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+    penv = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
             "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
            str(script), str(out), env["data"], env["cache"], init, json.dumps(FLAGS), json.dumps(RUNS), str(SAVE_AT)]

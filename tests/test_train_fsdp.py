@@ -2,7 +2,7 @@
 arguments through ``train_stage`` and the FSDP2 engine. Stage 3, mixed tasks with per-sample
 routing, both plugins and projectors training, activation checkpointing on.
 
-One 2-process launch (the only one of the suite): its first attempt checkpoints at step 1 and is
+One 2-process launch (tests/test_train_deepspeed.py has the other): its first attempt checkpoints at step 1 and is
 killed (SIGKILL) as step 2 begins; torchrun restarts it (``--max-restarts 1``), and the fresh
 processes ``--resume`` the killed run, then run it uninterrupted, then in bf16, then without
 ``--fsdp`` (DDP). The single-process reference (same global batch, no sharding, no checkpointing)
@@ -47,6 +47,7 @@ WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from transformers import TrainerCallback
     import hlora
+    from restartable_group import init_process_group_for_this_attempt  # tests/, on PYTHONPATH
     from healthgpt.cli.train import parse_train_arguments
     from healthgpt.model.config import TINY_VQ
     from healthgpt.training import fsdp
@@ -54,13 +55,8 @@ WORKER = textwrap.dedent("""
 
     out, data, cache, flags, fsdp_flags = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
     save_at = int(sys.argv[6])
-    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.set_num_threads(1)
-    # the restarted ranks reuse torchrun's store, where the dead ranks' gloo addresses are still
-    # published: a prefix per attempt keeps them apart (the Trainer uses this initialised group)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    attempt = init_process_group_for_this_attempt()
     rank = dist.get_rank()
 
     class Probe(TrainerCallback):
@@ -123,7 +119,8 @@ def run(training_subset, tmp_path_factory):
     out.mkdir()
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    penv = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    penv = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
            str(script), str(out), env["data"], env["cache"], json.dumps(FLAGS), json.dumps(FSDP), str(SAVE_AT)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
