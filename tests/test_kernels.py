@@ -389,7 +389,12 @@ def test_dropout_gradients_use_the_forward_mask():
     keep, _, tp = _probe_mask(ranks, experts, scales, dropouts, T=16, seed=7)
     # same seed, same mask (it depends only on seed, token and column), now with a real W0 and B
     case = make_case(16, 19, sum(ranks) + 3, ranks, experts, torch.float32, bias=False)
-    torch.manual_seed(7)
+    assert_dropout_run_matches_mask(case, ranks, experts, scales, dropouts, tp, keep, seed=7)
+
+
+def assert_dropout_run_matches_mask(case, ranks, experts, scales, dropouts, tp, keep, seed):
+    """A training call with dropout (seeded as ``_probe_mask`` was) equals float64 with the mask ``keep``."""
+    torch.manual_seed(seed)
     y, w, grads = run(case, ranks, experts, scales, tp, dropout=dropouts, training=True)
     y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp, keep=keep, dropouts=dropouts)
     assert_near(y, y_ref, 1e-5, "y")
@@ -805,10 +810,5 @@ def test_gate_epilogue_backward_recomputes_the_forwards_dropout_mask():
     assert [l.role for l in _recorded_roles(ranks, experts, dropout=0.4)][2:4] == ["y_fused", "dh_db_gate"]
     keep, live, tp = _probe_mask(ranks, experts, scales, dropouts, T=24, seed=3)
     assert 0.4 < keep[live].mean().item() < 0.8
-    case = make_case(24, 19, 17, ranks, experts, torch.float32)
-    torch.manual_seed(3)
-    y, w, grads = run(case, ranks, experts, scales, tp, dropout=dropouts, training=True)
-    y_ref, g_ref = reference_run(case, w, ranks, experts, scales, tp, keep=keep, dropouts=dropouts)
-    assert_near(y, y_ref, 1e-5, "y")
-    for k in ("x", "A", "B", "router"):
-        assert_near(grads[k], g_ref[k], 4e-5, f"d{k}")
+    assert_dropout_run_matches_mask(make_case(24, 19, 17, ranks, experts, torch.float32), ranks, experts, scales,
+                                    dropouts, tp, keep, seed=3)
