@@ -150,6 +150,14 @@ class AdapterLayer(nn.Module):
         self.routing: Routing | None = None
         self.merged: str | None = None
 
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, reaching the base too (it sits outside the module tree): a base left in
+        eval mode while the model trains may take an inference-only path (bitsandbytes 0.50 repacks a
+        4-bit weight in place on CPUs with AVX512-BF16)."""
+        super().train(mode)
+        self.base_layer.train(mode)
+        return self
+
     def add_plugin(self, name: str, cfg: PluginConfig) -> None:
         if name not in self.plugin_names:
             self.plugin_names.append(name)

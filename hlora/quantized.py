@@ -130,6 +130,12 @@ class QuantizedHLoRALinear(HLoRALinear):
         super().__init__(base, plugins, plugin_names)
         # a 4-bit weight is stored packed: the layer's geometry is the module's, not the weight's shape
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        if getattr(base, "support_avx512bf16_for_cpu", False):
+            # bitsandbytes >= 0.50 on an AVX512-BF16 CPU repacks a 4-bit weight in place on its first
+            # eval forward (seen with 0.50.2): the saved quant state then differs from the loaded one
+            # (absmax re-quantized), the output from the dense model with the dequantized weight, and
+            # a layer narrower than a quantization block fails. The adapter keeps the base as loaded.
+            base.support_avx512bf16_for_cpu = False
 
     @property
     def quantization(self) -> str:
