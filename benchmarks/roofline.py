@@ -276,11 +276,43 @@ def _rank_space(p: Problem, grouped: bool) -> _RankSpace:
 
 
 GATE_EPILOGUE_MAX = 128  # kernels/fused_linear.py: the widest tile that holds a plugin's R_p + k_p columns
+EPILOGUE_MAX_EXPERTS = 32  # kernels/fused_linear.py: plugins of up to 32 experts have their gates in the epilogues
+GATE_BLOCK_R = 64  # kernels/fused_linear.py: dh_db_gate's rank block; a wider plugin adds a gate_logits launch
 
 
-def gate_in_epilogue(rank: int, experts: int) -> bool:
-    """kernels/fused_linear.py's ``_gate_in_epilogue``: R_p + k_p, rounded up to a power of two, fits one tile."""
+def gate_spans_tile(rank: int, experts: int) -> bool:
+    """kernels/fused_linear.py's ``_gate_spans_tile``: R_p + k_p, rounded up to a power of two, fits one tile."""
     return 1 << (rank + experts - 1).bit_length() <= GATE_EPILOGUE_MAX
+
+
+def gate_in_epilogue(rank: int, experts: int, gate: str = "built") -> bool:
+    """Whether a plugin's gates run in the epilogues (dropout 0, as everywhere here): as built, up to
+    32 experts (``_forward_gate_in_epilogue`` / ``_backward_gate_in_epilogue``); at 56113a5
+    (``gate="narrow"``) only a plugin whose R_p + k_p columns span one tile."""
+    return gate_spans_tile(rank, experts) if gate == "narrow" else experts <= EPILOGUE_MAX_EXPERTS
+
+
+def _ul_gate(name: str, t: float, D: int, r: int, k: int, extra_bytes: float) -> Launch:
+    """The UL GEMM with the gate in its epilogue for t tokens of one plugin; a plugin wider than a tile
+    runs rank tiles of 128 columns, each also computing the k logits (a 16-wide dot per tile)."""
+    if gate_spans_tile(r, k):
+        flops = 2.0 * t * D * pad16(r + k)
+    else:
+        flops = 2.0 * t * D * (pad16(r) + _cdiv(r, 128) * max(16, pad16(k)))
+    return Launch(name, flops, t * D * ACT + (r + k) * D * ACT + t * (r + k) * F32 + t * r * ACT + extra_bytes, "ul_gate")
+
+
+def _gate_logits(name: str, t: float, r: int, k: int) -> list:
+    """A plugin wider than dh_db_gate's rank block: the blocks' shares of the per-expert sums (written
+    by dh_db_gate, read here), the logits, and dUL's logit columns."""
+    if r <= GATE_BLOCK_R:
+        return []
+    return [Launch(name, 0.0, _cdiv(r, GATE_BLOCK_R) * t * k * F32 + t * k * F32 + t * k * ACT, "gate_logits")]
+
+
+def _dg_shares(t: float, r: int, k: int) -> float:
+    """Bytes dh_db_gate writes as per-expert shares when the plugin spans several rank blocks."""
+    return _cdiv(r, GATE_BLOCK_R) * t * k * F32 if r > GATE_BLOCK_R else 0.0
 
 
 def _adapter_launches(p: Problem, grouped: bool, gate: str) -> dict:
@@ -288,34 +320,41 @@ def _adapter_launches(p: Problem, grouped: bool, gate: str) -> dict:
 
     ``gate="kernels"``: kernels/fused_linear.py as built at 43b5281 (UL GEMM, then a gate kernel; the
     dh_db kernel writes dh in fp32 and a gate-backward kernel turns it into dUL; torch.zeros for each
-    fp32 accumulator; one cast per weight gradient). ``gate="built"``: as built now, the same except
-    that one plugin whose R + k columns fit a tile (``gate_in_epilogue``) has its gate in the UL
-    GEMM's epilogue (``ul_gate``: UL and h written from the accumulator) and its gate backward in the
-    dy pass's (``dh_db_gate``: dUL written, no fp32 dh). ``gate="target"``: issue 11's target, both
-    epilogues for every plugin, one zero and one cast launch."""
+    fp32 accumulator; one cast per weight gradient). ``gate="narrow"``: as built at 56113a5, the same
+    except that one plugin whose R + k columns fit a tile has its gate in the UL GEMM's epilogue
+    (``ul_gate``: UL and h written from the accumulator) and its gate backward in the dy pass's
+    (``dh_db_gate``: dUL written, no fp32 dh). ``gate="built"``: as built now: one plugin of up to 32
+    experts has both epilogues at any rank (a wider one: rank tiles recomputing the logits, and a
+    ``gate_logits`` launch after the dy pass), one zero fill and one cast launch (``cast_grads``) for
+    the three gradients. ``gate="target"``: issue 11's target, both epilogues for every plugin, one
+    zero and one cast launch, no gate_logits launch."""
     D, N, R, K = p.d_in, p.d_out, p.R, p.K
     rs = _rank_space(p, grouped)
     T = p.T
     ar = (R + K) * D  # A and router elements
     out = dict(rs=rs)
+    one_zero = elementwise("bwd torch.zeros: one fp32 buffer for dA, dB, drouter", read=0, write=(N * R + ar) * F32)
+    dy_gate = ("bwd dh_db_gate: dh = dy B -> dUL = gate_backward(dh, UL) in the epilogue; dB += dy^T h (fp32, in L2)",
+               4.0 * N * rs.h_mma, T * N * ACT + N * R * ACT + rs.h * ACT + rs.ul * F32 + rs.routed + rs.ul * ACT + N * R * F32)
     if gate == "target":
         out["fwd"] = [Launch("fwd UL = x [A; router]^T, gate in the epilogue -> h, UL (fp32, saved)", 2.0 * D * rs.ul_mma,
                              T * D * ACT + ar * ACT + rs.ul * F32 + rs.h * ACT + rs.routed)]
-        out["zero"] = [elementwise("bwd zero the fp32 dB, d[A; router] accumulators", read=0, write=(N * R + ar) * F32)]
-        out["dy"] = [Launch("bwd dh_db: dh = dy B -> gate backward in the epilogue -> dUL; dB += dy^T h (fp32, in L2)",
-                            4.0 * N * rs.h_mma,
-                            T * N * ACT + N * R * ACT + rs.h * ACT + rs.ul * F32 + rs.routed + rs.ul * ACT + N * R * F32)]
+        out["zero"] = [one_zero]
+        out["dy"] = [Launch(*dy_gate)]
         out["cast"] = [elementwise("bwd cast dA, dB, drouter to the parameter dtype",
                                    read=(N * R + ar) * F32, write=(N * R + ar) * ACT)]
     else:
-        if gate == "built" and len(p.plugins) == 1 and gate_in_epilogue(R, K):
+        epilogue = gate != "kernels" and len(p.plugins) == 1 and gate_in_epilogue(R, K, gate)
+        if epilogue and gate == "built":
+            out["fwd"] = [_ul_gate("fwd ul_gate: UL = x [A; router]^T (fp32, saved), h = gate(UL) in the epilogue "
+                                   "(saved)", T, D, R, K, rs.routed)]
+            dy_pass = [Launch(dy_gate[0], dy_gate[1], dy_gate[2] + _dg_shares(T, R, K), "dh_db_gate"),
+                       *_gate_logits("bwd gate_logits: dlogits from the rank blocks' shares", T, R, K)]
+        elif epilogue:
             out["fwd"] = [Launch("fwd ul_gate: UL = x [A; router]^T (fp32, saved), h = gate(UL) in the epilogue (saved)",
                                  2.0 * D * rs.ul_mma, T * D * ACT + ar * ACT + rs.ul * F32 + rs.h * ACT + rs.routed,
                                  "ul_gate")]
-            dy_pass = [Launch("bwd dh_db_gate: dh = dy B -> dUL = gate_backward(dh, UL) in the epilogue; dB += dy^T h "
-                              "(fp32, in L2)", 4.0 * N * rs.h_mma,
-                              T * N * ACT + N * R * ACT + rs.h * ACT + rs.ul * F32 + rs.routed + rs.ul * ACT + N * R * F32,
-                              "dh_db_gate")]
+            dy_pass = [Launch(*dy_gate, "dh_db_gate")]
         else:
             out["fwd"] = [
                 Launch("fwd ul: UL = x [A; router]^T (fp32, saved)", 2.0 * D * rs.ul_mma,
@@ -328,13 +367,20 @@ def _adapter_launches(p: Problem, grouped: bool, gate: str) -> dict:
                 Launch("bwd gate_bwd: dUL = gate_backward(dh, UL)", 0.0,
                        rs.h * F32 + rs.ul * F32 + rs.routed + rs.ul * ACT, "gate_bwd"),
             ]
-        out["zero"] = [elementwise("bwd torch.zeros dB (fp32)", read=0, write=N * R * F32)]
-        out["dy"] = dy_pass + [
-            elementwise("bwd torch.zeros dA (fp32)", read=0, write=R * D * F32),
-            elementwise("bwd torch.zeros drouter (fp32)", read=0, write=K * D * F32),
-        ]
-        out["cast"] = [elementwise(f"bwd cast {g} to the parameter dtype", read=n * F32, write=n * ACT)
-                       for g, n in (("dA", R * D), ("dB", N * R), ("drouter", K * D))]
+        if gate == "built":
+            out["zero"] = [one_zero]
+            out["dy"] = dy_pass
+            out["cast"] = [elementwise("bwd cast_grads: dA, dB, drouter to the parameter dtype (one launch)",
+                                       read=(N * R + ar) * F32, write=(N * R + ar) * ACT)]
+            out["cast"] = [Launch(out["cast"][0].name, 0.0, out["cast"][0].bytes, "cast_grads")]
+        else:
+            out["zero"] = [elementwise("bwd torch.zeros dB (fp32)", read=0, write=N * R * F32)]
+            out["dy"] = dy_pass + [
+                elementwise("bwd torch.zeros dA (fp32)", read=0, write=R * D * F32),
+                elementwise("bwd torch.zeros drouter (fp32)", read=0, write=K * D * F32),
+            ]
+            out["cast"] = [elementwise(f"bwd cast {g} to the parameter dtype", read=n * F32, write=n * ACT)
+                           for g, n in (("dA", R * D), ("dB", N * R), ("drouter", K * D))]
     out["dar"] = [Launch("bwd dar: d[A; router] += dUL^T x (fp32 atomics, in L2)", 2.0 * D * rs.ul_mma,
                          rs.ul * ACT + T * D * ACT + ar * F32, "dar")]
     return out
@@ -369,8 +415,8 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
     for i, (t, r, k) in enumerate(segs):
         ul = dict(flops=2.0 * t * D * pad16(r + k), bytes=t * D * ACT + (r + k) * D * ACT + t * (r + k) * F32)
         if gate_in_epilogue(r, k):
-            fwd.append(Launch(f"fwd p{i} ul_gate: UL_p = x[idx] [A_p; router_p]^T (fp32), h_p = gate(UL_p) in the "
-                              "epilogue", ul["flops"], ul["bytes"] + t * r * ACT, "ul_gate"))
+            fwd.append(_ul_gate(f"fwd p{i} ul_gate: UL_p = x[idx] [A_p; router_p]^T (fp32), h_p = gate(UL_p) in the "
+                                "epilogue", t, D, r, k, 0.0))
         else:
             fwd.append(Launch(f"fwd p{i} ul: UL_p = x[idx] [A_p; router_p]^T (fp32)", ul["flops"], ul["bytes"], "ul"))
     if apart:
@@ -396,7 +442,8 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
         if gate_in_epilogue(r, k):
             bwd.append(Launch(f"bwd p{i} dh_db_gate: dUL_p = gate_backward(dy[idx] B_p, UL_p) in the epilogue; "
                               "dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
-                              dy_pass + t * (r + k) * F32 + t * (r + k) * ACT, "dh_db_gate"))
+                              dy_pass + t * (r + k) * F32 + t * (r + k) * ACT + _dg_shares(t, r, k), "dh_db_gate"))
+            bwd += _gate_logits(f"bwd p{i} gate_logits: dlogits_p from the rank blocks' shares", t, r, k)
         else:
             bwd.append(Launch(f"bwd p{i} dh_db: dh_p = dy[idx] B_p (fp32); dB_p += dy[idx]^T h_p", 4.0 * N * t * pad16(r),
                               dy_pass + t * r * F32, "dh_db"))
@@ -420,8 +467,8 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
         bwd.append(gemm("bwd dx += dy W0 (cuBLAS addmm_, beta=1)", T, D, N, c_in=ACT))
     bwd += [Launch(f"bwd p{i} dar: d[A_p; router_p] += dUL_p^T x[idx] (fp32 atomics)", 2.0 * D * t * pad16(r + k),
                    t * (r + k) * ACT + t * D * ACT + (r + k) * D * F32, "dar") for i, (t, r, k) in enumerate(segs)]
-    bwd += [elementwise(f"bwd cast {g}_p{i} to the parameter dtype", read=n * F32, write=n * ACT)
-            for i, (_, r, k) in enumerate(segs) for g, n in (("dA", r * D), ("dB", N * r), ("drouter", k * D))]
+    bwd += [Launch(f"bwd p{i} cast_grads: dA_p, dB_p, drouter_p to the parameter dtype", 0.0,
+                   ((r + k) * D + N * r) * (F32 + ACT), "cast_grads") for i, (_, r, k) in enumerate(segs)]
     return fwd + bwd
 
 
@@ -439,6 +486,12 @@ def fused_epilogue_plan(p: Problem) -> list:
     """Issue 11's target: gates in the GEMM epilogues for every plugin, one zero and one cast launch,
     grouped mixed batches."""
     return fused_plan(p, grouped=True, gate="target")
+
+
+def fused_56113a5_plan(p: Problem) -> list:
+    """The fused strategy as built at 56113a5: gate epilogues only for one plugin whose R + k columns
+    fit a tile (R=64, not R=256), three zero fills and three casts."""
+    return fused_plan(p, gate="narrow")
 
 
 def fused_43b5281_plan(p: Problem) -> list:
@@ -556,6 +609,7 @@ PLANS = {  # CSV provider name: plan (providers named as in benchmarks/bench_ker
     "moelora_loop": moelora_loop_plan,
     "hlora_fused_e83936e": fused_e83936e_plan,
     "hlora_fused_43b5281": fused_43b5281_plan,
+    "hlora_fused_56113a5": fused_56113a5_plan,
     "hlora_fused": fused_plan,
     "hlora_cublas": cublas_plan,
     "hlora_fused_grouped": fused_grouped_plan,
@@ -631,7 +685,7 @@ def markdown(launch_us: float = LAUNCH_US) -> str:
     """The tables for benchmarks/RESULTS.md (measured columns left empty for the first GPU run)."""
     out = []
     cols = ("peft_lora", "moelora_loop", "hlora_fused_e83936e", "hlora_cublas_d3d13cb", "hlora_fused_43b5281",
-            "hlora_fused", "hlora_cublas", "hlora_fused_epilogue")
+            "hlora_fused_56113a5", "hlora_fused", "hlora_cublas", "hlora_fused_epilogue")
     out.append(f"Lower bounds per layer, fwd+bwd, T={T_STUDY}, bf16, ratio to the frozen base; each launch costs "
                f"max(FLOPs / peak, bytes / bandwidth) + {launch_us:g} µs. k=4. Goal on paper: <= {GOALS[64]}x at "
                f"R=64, <= {GOALS[256]}x at R=256 (H-LoRA plans); `*` misses it; (launches) per plan. FLOP floor: "

@@ -14,15 +14,16 @@ and its backward (the base is frozen: no gradient for W0 or bias)::
     dx     = dy @ W0 + dUL @ [A; router]         [T, D]
     dA, drouter = dUL^T @ x                      split over T, fp32 atomics into the gradients
 
-A plugin whose R_p + k_p columns fit one output tile (``_gate_in_epilogue``) has the gate in the
-UL GEMM's epilogue and the gate backward in the dh / dB pass's epilogue (no gate launches, no fp32
-dh); stacked plugins and wider ones run the gate kernels (section 3).
+One plugin (alone, or one segment of a grouped batch) of up to 32 experts has its gate in the UL
+GEMM's epilogue (without dropout) and its gate backward in the dh / dB pass's epilogue: no gate
+launches, no fp32 dh; a plugin wider than one rank block adds a small launch that finishes its
+router gradient. Stacked plugins (and the forward with dropout) run the gate kernels (section 3).
 
 Rank-space activations (UL, h, dh, dUL) are allocated with rows padded to a multiple of 16
 elements, so every rank-space operand row starts 16-byte aligned; A and the router are read where
 they live (two pointers, never concatenated). Saved for the backward: x, UL (float32), h (x.dtype).
-Weight gradients accumulate in float32 and are returned in the parameter's dtype (no copy when
-it is float32).
+Weight gradients accumulate in float32 (one zero fill for dA, dB and drouter) and are returned
+in the parameters' dtype (one ``cast_grads`` launch for the three; no copy when they are float32).
 
 Two strategies for the base product, both exact (``HLORA_STRATEGY=auto|fused|cublas``):
 ``fused`` runs y and dx as one extended-K Triton GEMM ([x, h] @ [W0, B]^T; [dy, dUL] @ [W0; A;
@@ -178,8 +179,12 @@ def _run(launch: Launch):
 # segment of a mixed batch): A1's rows (IDX_A1), C's and Cin's rows (IDX_C) or B1's K index
 # (IDX_B1K, the token axis of a weight gradient) are read through the token index ``idx`` [M]
 # (the segment's slice of the routing's sort permutation): no gathered copy of x, dy, y or dx.
-# GATE: C is one plugin's UL (one column tile spans it) and the epilogue also writes h = gate(UL)
-# (``_gate_forward``, section 3; plugin GATE_Q's row of the gate table, GATE_R the dropout row width).
+# GATE: C is one plugin's UL and the epilogue also writes h = gate(UL) (``_gate_forward``, section
+# 3; plugin GATE_Q's row of the gate table, GATE_R the dropout row width): one column tile spans
+# the plugin's R_p + k_p columns, or (ROUTER_ACC, a wider plugin) the tiles cover its R_p rank
+# columns and each also accumulates its rows' k_p logits x @ router^T in a [BLOCK_M, K_PAD] tile of
+# its own, stored at columns N_SPLIT.. before the gate reads them back: identical values from every
+# column tile of a row block (the same loads and dots), so no tile waits for another.
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -195,7 +200,7 @@ def _gemm_kernel(
     HAS_CIN: tl.constexpr, HAS_C2: tl.constexpr, ATOMIC: tl.constexpr,
     IDX_A1: tl.constexpr, IDX_C: tl.constexpr, IDX_B1K: tl.constexpr,
     GATE: tl.constexpr, GATE_ROUTING: tl.constexpr, GATE_DROPOUT: tl.constexpr, K_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ROUTER_ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share each column tile while it sits in L2
@@ -227,6 +232,11 @@ def _gemm_kernel(
         in_x = rn >= N_SPLIT
         rn_b = tl.where(in_x, 0, rn)
         rn_x = tl.where(in_x, rn - N_SPLIT, 0)
+    if ROUTER_ACC:  # a plugin wider than a tile: every column tile also computes its rows' k router logits
+        k_q = tl.load(meta_ptr + 6 * GATE_Q + 3)
+        offs_e = tl.arange(0, K_PAD)
+        e_ok = offs_e < k_q
+        logits = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
 
     # first operand pair, over this program's slice [k_lo, k_hi) of K1
     k_lo = pid_s * K_SPLIT
@@ -246,6 +256,10 @@ def _gemm_kernel(
         else:
             b = tl.load(b1_ptr + kk[:, None] * stride_b1k + rn[None, :] * stride_b1n, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if ROUTER_ACC:
+            w = tl.load(b1x_ptr + kk[:, None] * stride_b1xk + offs_e[None, :] * stride_b1xn,
+                        mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+            logits = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), logits, input_precision=PRECISION)
 
     # further operand pairs (the adapter's K columns), accumulated into the same tile
     if HAS_A2:
@@ -287,7 +301,11 @@ def _gemm_kernel(
     else:
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
-    if GATE:  # the tile spans plugin GATE_Q's rank and logit columns: h = gate(UL) from the accumulator
+    if ROUTER_ACC:  # at columns N_SPLIT.. (every column tile of these rows stores the same values)
+        tl.store(c_ptr + m64[:, None] * stride_cm + (N_SPLIT + offs_e).to(tl.int64)[None, :] * stride_cn, logits,
+                 mask=(offs_m[:, None] < M) & e_ok[None, :])
+
+    if GATE:  # the tile holds plugin GATE_Q's rank columns, its logits are stored: h = gate(UL) from the accumulator
         tl.debug_barrier()  # the logits just stored (by other threads of this program) are read back
         h = _gate_forward(acc, c_ptr, tp_ptr, meta_ptr, scale_ptr, offs_m, offs_n, M, stride_cm, GATE_Q, GATE_R,
                           seed, GATE_ROUTING, GATE_DROPOUT, K_PAD)
@@ -310,8 +328,12 @@ GEMM_TILES = [
 DAR_TILES = [(64, 64, 64, 4, 4)]
 # rank-space outputs (UL: N = R + K) use tiles no wider than this
 _RANK_SIDE_MAX = 128
-# a plugin whose R_p + k_p columns fit one tile this wide (rounded up to a power of two) gets its
-# gate in the UL GEMM's epilogue and its gate backward in the dy pass's (``_gate_in_epilogue``)
+# the gates run in the GEMM epilogues (``_forward_gate_in_epilogue``, ``_backward_gate_in_epilogue``)
+# for plugins of at most this many experts (the compile gate checks 4 and 32)
+EPILOGUE_MAX_EXPERTS = 32
+# a plugin whose R_p + k_p columns fit one tile this wide (rounded up to a power of two) has them
+# in one UL tile, logits included (``_gate_spans_tile``); the rank tiles of a wider one each
+# recompute its logits (ROUTER_ACC)
 GATE_EPILOGUE_MAX = _RANK_SIDE_MAX
 # launches reading or writing rows through a token index (grouped plugins) keep the indices live
 # over the K loop: 128x256 spills 40-312 B on sm_80 there (the compile gate), so they stop at 128x128
@@ -384,9 +406,20 @@ def _no_gate_args(dummy):
     return dict(tp_ptr=dummy, meta_ptr=dummy, scale_ptr=dummy, GATE_Q=0, GATE_R=0, seed=0)
 
 
-def _gate_in_epilogue(rank: int, experts: int) -> bool:
-    """Whether plugin's gate runs in the epilogues: one output tile spans its R_p + k_p columns."""
+def _gate_spans_tile(rank: int, experts: int) -> bool:
+    """Whether one UL tile spans a plugin's R_p + k_p columns (else the tiles cover its ranks, ROUTER_ACC)."""
     return triton.next_power_of_2(rank + experts) <= GATE_EPILOGUE_MAX
+
+
+def _forward_gate_in_epilogue(rank: int, experts: int, dropout: float) -> bool:
+    """Whether the UL GEMM writes h (no gate_fwd launch): not with dropout (its Philox tile spills, section 4)."""
+    return dropout == 0 and experts <= EPILOGUE_MAX_EXPERTS
+
+
+def _backward_gate_in_epilogue(rank: int, experts: int) -> bool:
+    """Whether the dy pass writes dUL (no fp32 dh, no gate_bwd launch; a plugin wider than one rank
+    block adds a small ``gate_logits`` launch)."""
+    return experts <= EPILOGUE_MAX_EXPERTS
 
 
 def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3=None, b3=None, bias=None,
@@ -410,11 +443,13 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
                              or atomic or out2 is not None or "c" in idx_on or a2 is not None or bias is not None
                              or cin is not None):
         raise ValueError("a gate epilogue needs h and writes one plugin's float32 UL = x [A; router]^T alone")
+    # a plugin wider than one tile: the tiles cover its rank columns, each with its rows' logits
+    router_acc = gate is not None and not _gate_spans_tile(n_split, out.shape[1] - n_split)
     m_split = out.shape[0] if "c" not in idx_on else idx.shape[0]
     if out2 is not None and "c" in idx_on:
         raise ValueError("a row-split output is never written through an index")
     M = m_split + (out2.shape[0] if out2 is not None else 0)
-    N = out.shape[1]
+    N = out.shape[1] if not router_acc else n_split
     K1 = a1.shape[1] if "b1k" not in idx_on else idx.shape[0]
     if "a1" in idx_on and M != idx.shape[0]:
         raise ValueError(f"{M} product rows but {idx.shape[0]} token indices")
@@ -461,10 +496,12 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
         HAS_B1X=b1x is not None, HAS_A2=a2 is not None, HAS_A3=a3 is not None, HAS_BIAS=bias is not None,
         HAS_CIN=cin is not None, HAS_C2=out2 is not None, ATOMIC=atomic,
         IDX_A1="a1" in idx_on, IDX_C="c" in idx_on, IDX_B1K="b1k" in idx_on,
-        **(gate.consts() if gate is not None else _NO_GATE_CONSTS),
+        **(gate.consts() if gate is not None else _NO_GATE_CONSTS), ROUTER_ACC=router_acc,
         DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
         PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32",
     )
+    if router_acc:  # the logits' tile is an operand of tl.dot: at least 16 wide
+        consts["K_PAD"] = max(16, consts["K_PAD"])
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
@@ -479,15 +516,14 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     flags = (b1x is not None, a2 is not None, a3 is not None, bias is not None, cin is not None, atomic,
              "a1" in idx_on, "c" in idx_on, "b1k" in idx_on)
     if gate is not None:
-        flags += (True, gate.token_plugin is not None, gate.dropout, gate.experts)
+        flags += (True, gate.token_plugin is not None, gate.dropout, gate.experts, router_acc)
     key = (bucket, *shape, K2, K3, str(dot_dtype), str(out.dtype), *map(int, flags), split)
     if idx is not None:
         tiles = [t for t in tiles if t[0] * t[1] <= _INDEXED_TILE_MAX] or tiles[-1:]
     if gate is None:
         candidates = _gemm_tiles(M, N, K1 + K2 + K3, n_cap, tiles)
-    else:  # one column tile spans the plugin's rank and logit columns, at the tiles that do not
-        # spill with the gate epilogue (``_gate_gemm_tiles``, section 4: why there)
-        candidates = _gate_gemm_tiles(M, N)
+    else:  # the tiles that do not spill with the gate epilogue (``_gate_gemm_tiles``, section 4: why there)
+        candidates = _gate_gemm_tiles(M, N, router_acc)
     _run(Launch(role, _gemm_kernel, grid, args, consts, candidates, key, reset if atomic else None))
 
 
@@ -504,12 +540,12 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 
 @triton.jit(do_not_specialize=["seed"])
 def _dh_db_kernel(
-    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, idx_ptr, ul_ptr, tp_ptr, meta_ptr, scale_ptr,
+    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, idx_ptr, ul_ptr, dg_ptr, tp_ptr, meta_ptr, scale_ptr,
     T, N, R, GATE_Q, GATE_R, seed,
-    stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db, stride_ul,
+    stride_dyt, stride_dyn, stride_bn, stride_br, stride_h, stride_dh, stride_db, stride_ul, stride_dgc, stride_dgt,
     HAS_DB: tl.constexpr, IDX_DY: tl.constexpr,
     GATE: tl.constexpr, GATE_ROUTING: tl.constexpr, GATE_DROPOUT: tl.constexpr, K_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     num_r = tl.cdiv(R, BLOCK_R)
@@ -542,9 +578,10 @@ def _dh_db_kernel(
             part = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
             tl.atomic_add(db_ptr + n64[:, None] * stride_db + offs_r[None, :], part,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
-    if GATE:  # the block holds all of plugin GATE_Q's rank columns: dh goes straight to dUL (dh_ptr)
-        _gate_backward(acc, ul_ptr, dh_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r, T, stride_ul, stride_dh,
-                       GATE_Q, GATE_R, seed, GATE_ROUTING, GATE_DROPOUT, K_PAD)
+    if GATE:  # plugin GATE_Q's rank columns: dh goes straight to dUL (dh_ptr), dg shares to slot pid_r
+        _gate_backward(acc, ul_ptr, dh_ptr, dg_ptr + pid_r * stride_dgc, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r,
+                       T, stride_ul, stride_dh, stride_dgt, GATE_Q, GATE_R, seed, GATE_ROUTING, GATE_DROPOUT, K_PAD,
+                       PARTIAL)
     else:
         tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
 
@@ -554,56 +591,73 @@ DH_DB_TILES = [  # (BLOCK_T, BLOCK_N, BLOCK_R cap, warps, stages); BLOCK_T 256 /
     (128, 32, 128, 8, 3),
     (64, 64, 64, 4, 3),
 ]
+# dh_db_gate: a plugin's rank columns in blocks of at most this many (PARTIAL past one block; the
+# tests lower it to reach that path with small ranks)
+GATE_BLOCK_R = 64
+GATE_DH_DB_TILES = [(128, 64, 8, 3), (128, 32, 8, 3)]  # (BLOCK_T, BLOCK_N, warps, stages)
 
 
-def _dh_db_tiles(T, R, whole=False):
-    """Candidate tiles; ``whole``: one rank chunk of all R columns (the gate epilogue: 64 rows spill)."""
+def _dh_db_tiles(T, R, gate=False):
+    """Candidate tiles; ``gate``: every tile has the same rank block, GATE_BLOCK_R at most (the number
+    of dg shares a PARTIAL gate leaves does not depend on the tile)."""
     r_pow = max(16, triton.next_power_of_2(R))
-
-    def chunk(cap):
-        return r_pow if whole else min(r_pow, cap)
-
+    if gate:
+        r_block = min(r_pow, GATE_BLOCK_R)
+        if INTERPRET or T <= 64:
+            return [dict(BLOCK_T=16, BLOCK_N=16 if INTERPRET else 64, BLOCK_R=r_block, num_warps=4,
+                         num_stages=1 if INTERPRET else 3)]
+        return [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=r_block, num_warps=w, num_stages=st)
+                for bt, bn, w, st in GATE_DH_DB_TILES]
     if INTERPRET:
-        return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=chunk(16), num_warps=4, num_stages=1)]
-    tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=chunk(br), num_warps=w, num_stages=s)
-             for bt, bn, br, w, s in DH_DB_TILES if not (whole and bt == 64)]
+        return [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=min(r_pow, 16), num_warps=4, num_stages=1)]
     if T <= 64:
-        return [dict(BLOCK_T=64 if T > 16 and not whole else 16, BLOCK_N=64, BLOCK_R=chunk(64), num_warps=4, num_stages=3)]
-    unique = {tile_name(t): t for t in tiles}
-    return list(unique.values())
+        return [dict(BLOCK_T=64 if T > 16 else 16, BLOCK_N=64, BLOCK_R=min(r_pow, 64), num_warps=4, num_stages=3)]
+    tiles = [dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=min(r_pow, br), num_warps=w, num_stages=s)
+             for bt, bn, br, w, s in DH_DB_TILES]
+    return list({tile_name(t): t for t in tiles}.values())
 
 
 def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None, gate=None, ul=None):
     """dh[T, R] = dy @ B (float32), and db[N, R] += dy^T @ h (float32 accumulator, zeroed by the
     caller) when ``db`` is given. ``idx`` [T] (grouped plugins): dy's rows are ``dy[idx]``.
     ``gate`` (a ``Gate``): B and h are one plugin's, and ``dh`` receives dUL = gate_backward(dh, UL)
-    [T, R + k] (in its dtype) instead of dh, from ``ul`` [T, R + k] (float32), one rank block per row block."""
+    [T, R + k] (in its dtype) instead of dh, from ``ul`` [T, R + k] (float32): in the epilogue when
+    one rank block holds all R columns, else each block leaves its share of the per-expert sums
+    and ``_gate_logits_kernel`` (a second, small launch) writes dlogits."""
     T, N = dy.shape if idx is None else (idx.shape[0], dy.shape[1])
     R = B.shape[1]
     if T == 0 or R == 0:
         return
     if gate is not None and (ul is None or ul.stride(1) != 1 or dh.stride(1) != 1 or ul.dtype != torch.float32):
         raise ValueError("a gate epilogue reads a contiguous-row float32 UL and writes dUL rows")
+    tiles = _dh_db_tiles(T, R, gate=gate is not None)
+    blocks = triton.cdiv(R, tiles[0]["BLOCK_R"])  # rank blocks per row block (the same for every tile)
+    partial = gate is not None and blocks > 1
+    k_pad = gate.consts()["K_PAD"] if gate is not None else 2
+    dg = _empty((blocks, T, k_pad), torch.float32, dy.device) if partial else dh
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(R, meta["BLOCK_R"]),)
 
     args = dict(dy_ptr=dy, b_ptr=B, h_ptr=h, dh_ptr=dh, db_ptr=db if db is not None else dh,
-                idx_ptr=idx if idx is not None else dh, ul_ptr=ul if gate is not None else dh,
+                idx_ptr=idx if idx is not None else dh, ul_ptr=ul if gate is not None else dh, dg_ptr=dg,
                 **(gate.args() if gate is not None else _no_gate_args(dh)), T=T, N=N, R=R,
                 stride_dyt=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
                 stride_h=h.stride(0), stride_dh=dh.stride(0), stride_db=db.stride(0) if db is not None else 0,
-                stride_ul=ul.stride(0) if gate is not None else 0)
+                stride_ul=ul.stride(0) if gate is not None else 0,
+                stride_dgc=dg.stride(0) if partial else 0, stride_dgt=dg.stride(1) if partial else 0)
     args = {name: args[name] for name in _dh_db_kernel.arg_names if name in args}
     consts = dict(HAS_DB=db is not None, IDX_DY=idx is not None,
-                  **(gate.consts() if gate is not None else _NO_GATE_CONSTS),
+                  **(gate.consts() if gate is not None else _NO_GATE_CONSTS), PARTIAL=partial,
                   DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dot_dtype],
                   PRECISION="ieee" if (INTERPRET or dot_dtype == torch.float32) else "tf32")
     key = (tuning.token_bucket(T), N, R, str(dot_dtype), db is not None, idx is not None)
     if gate is not None:
         key += (True, gate.token_plugin is not None, gate.dropout, gate.experts, str(dh.dtype))
-    _run(Launch("dh_db_gate" if gate is not None else "dh_db", _dh_db_kernel, grid, args, consts,
-                _dh_db_tiles(T, R, whole=gate is not None), key, (lambda: db.zero_()) if db is not None else None))
+    _run(Launch("dh_db_gate" if gate is not None else "dh_db", _dh_db_kernel, grid, args, consts, tiles, key,
+                (lambda: db.zero_()) if db is not None else None))
+    if partial:
+        _gate_logits(gate, ul, dg, dh, T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +674,9 @@ def dh_db(dy, B, h, dh, db, *, dot_dtype, idx=None, gate=None, ul=None):
 # Dropout draws from one Philox stream at offset row * R + column (R: the row width in ranks).
 # ``_gate_forward`` / ``_gate_backward`` do the same per plugin in a GEMM epilogue (section 1's
 # ``GATE``, section 2's): the tile's rank columns in registers, each column's expert logit read back
-# from UL (the forward stores its UL tile first, then a barrier), the same ops in the same order.
+# from UL (the forward stores its logits first, then a barrier), the same ops in the same order. A
+# plugin wider than the dy pass's rank block (``PARTIAL``) leaves one share of the per-expert sums
+# per block; ``_gate_logits_kernel`` adds them up and writes dlogits.
 
 
 @triton.jit
@@ -718,11 +774,14 @@ def _gate_forward(acc, ul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_m, offs_n, M, s
 
 
 @triton.jit
-def _gate_backward(dh, ul_ptr, dul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r, T, stride_ul, stride_dul, q, R,
-                   seed, HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_PAD: tl.constexpr):
-    """dUL from a dh block holding all of plugin q's rank columns (``_gate_bwd_kernel``'s math, in
-    the dy pass's epilogue): du = dh s m g[e] and dlogits = g (dg - sum_e g dg), dg[e] = sum over
-    expert e's columns of dh s m u."""
+def _gate_backward(dh, ul_ptr, dul_ptr, dg_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r, T, stride_ul, stride_dul,
+                   stride_dg, q, R, seed, HAS_ROUTING: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_PAD: tl.constexpr,
+                   PARTIAL: tl.constexpr):
+    """dUL from a dh block of plugin q's rank columns ``offs_r`` (``_gate_bwd_kernel``'s math, in the
+    dy pass's epilogue): du = dh s m g[e] and dlogits = g (dg - sum_e g dg), dg[e] = sum over
+    expert e's columns of dh s m u. A block holding all of the plugin's columns writes dlogits;
+    with ``PARTIAL`` (a plugin wider than the block) it writes its share of dg to ``dg_ptr`` (rows
+    of this block's slot) and ``_gate_logits_kernel`` adds the shares up."""
     r_off, logit_col, r_q, k_q, first, s_q, p_drop = _plugin(meta_ptr, scale_ptr, q)
     t_ok = offs_t < T
     t64 = offs_t.to(tl.int64)
@@ -730,9 +789,6 @@ def _gate_backward(dh, ul_ptr, dul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, off
     col_ok = offs_r < r_q * k_q
     mask = t_ok[:, None] & col_ok[None, :]
     p, z_max, total = _plugin_softmax(ul_ptr, rows, t_ok, logit_col, k_q, K_PAD)
-    g = p / total[:, None]
-    if HAS_ROUTING:
-        g = tl.where(_routed(tp_ptr, offs_t, t_ok, q)[:, None], g, 0.0)
     g_col = _column_gates(ul_ptr, tp_ptr, rows, offs_t, t_ok, offs_r[None, :], col_ok[None, :], logit_col, r_q, z_max,
                           total, q, HAS_ROUTING)
     u = tl.load(ul_ptr + rows[:, None] + offs_r[None, :], mask=mask, other=0.0)
@@ -747,12 +803,44 @@ def _gate_backward(dh, ul_ptr, dul_ptr, tp_ptr, meta_ptr, scale_ptr, offs_t, off
     expert = offs_r // r_q
     offs_e = tl.arange(0, K_PAD)
     dg = tl.zeros((dh.shape[0], K_PAD), dtype=tl.float32)
-    for e in range(0, k_q):  # per-expert sums over the expert's r_q columns of the block
-        dg_e = tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1)
+    for e in range(tl.min(offs_r, axis=0) // r_q, tl.minimum(k_q, tl.max(offs_r, axis=0) // r_q + 1)):
+        dg_e = tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1)  # the experts this block touches
         dg = tl.where(offs_e[None, :] == e, dg_e[:, None], dg)
-    dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
-    tl.store(dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :],
-             dlogits.to(dul_ptr.dtype.element_ty), mask=t_ok[:, None] & (offs_e < k_q)[None, :])
+    e_mask = t_ok[:, None] & (offs_e < k_q)[None, :]
+    if PARTIAL:
+        tl.store(dg_ptr + t64[:, None] * stride_dg + offs_e[None, :], dg, mask=e_mask)
+    else:
+        g = p / total[:, None]
+        if HAS_ROUTING:
+            g = tl.where(_routed(tp_ptr, offs_t, t_ok, q)[:, None], g, 0.0)
+        _store_dlogits(g, dg, dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :], e_mask)
+
+
+@triton.jit
+def _store_dlogits(g, dg, ptrs, mask):
+    """The softmax backward: dlogits = g (dg - sum_e g dg), [BLOCK_T, K_PAD]."""
+    tl.store(ptrs, (g * (dg - tl.sum(g * dg, axis=1)[:, None])).to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_logits_kernel(
+    ul_ptr, dg_ptr, tp_ptr, meta_ptr, dul_ptr,
+    T, BLOCKS, GATE_Q, stride_ul, stride_dgc, stride_dgt, stride_dul,
+    HAS_ROUTING: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """dlogits of plugin GATE_Q from the BLOCKS shares of dg its dy pass left (``_gate_backward``, PARTIAL)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    logit_col = tl.load(meta_ptr + 6 * GATE_Q + 1)
+    k_q = tl.load(meta_ptr + 6 * GATE_Q + 3)
+    g = _load_plugin_gates(ul_ptr, tp_ptr, meta_ptr, offs_t, t_ok, t64 * stride_ul, GATE_Q, HAS_ROUTING, K_PAD)
+    offs_e = tl.arange(0, K_PAD)
+    mask = t_ok[:, None] & (offs_e < k_q)[None, :]
+    dg = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    for c in range(0, BLOCKS):
+        dg += tl.load(dg_ptr + c * stride_dgc + t64[:, None] * stride_dgt + offs_e[None, :], mask=mask, other=0.0)
+    _store_dlogits(g, dg, dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :], mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -818,6 +906,21 @@ def _gate_bwd_kernel(
     dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
     dl_ptrs = dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :]
     tl.store(dl_ptrs, dlogits.to(dul_ptr.dtype.element_ty), mask=t_ok[:, None] & (offs_e < k_q)[None, :])
+
+
+def _gate_logits(gate, ul, dg, dul, T):
+    """``_gate_logits_kernel`` for the T rows of plugin ``gate.q`` (dg: [blocks, T, K_PAD] shares)."""
+    args = dict(ul_ptr=ul, dg_ptr=dg, tp_ptr=gate.args()["tp_ptr"], meta_ptr=gate.meta, dul_ptr=dul, T=T,
+                BLOCKS=dg.shape[0], GATE_Q=gate.q, stride_ul=ul.stride(0), stride_dgc=dg.stride(0),
+                stride_dgt=dg.stride(1), stride_dul=dul.stride(0))
+    tile = dict(BLOCK_T=16 if INTERPRET else 64, num_warps=4, num_stages=1)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_T"]),)
+
+    consts = dict(HAS_ROUTING=gate.token_plugin is not None, K_PAD=dg.shape[2])
+    _run(Launch("gate_logits", _gate_logits_kernel, grid, {n: args[n] for n in _gate_logits_kernel.arg_names if n in args},
+                consts, [tile], ()))
 
 
 _META_CACHE: dict = {}
@@ -900,18 +1003,24 @@ def _grouped_gates(role, kernel, args, Tr, R, counts, ranks, experts, scales, dr
 # and 64x128 with 4 warps 12 B on sm_80 without dropout; with dropout (Philox on the whole tile)
 # every tile of 64+ rows spilled 1.1-54 KB. The 16-row tile (decode steps) spills nowhere. So the
 # forward epilogue runs only for plugins without dropout (``_forward_gate_in_epilogue``), at 128x128
-# (8 warps) or 16x128; dh_db_gate keeps its 128-row tiles (the 64-row one spilled 192 B on sm_80).
+# (8 warps) or 16x128. A wider plugin's rank tiles (ROUTER_ACC, 256 + 4 and 256 + 32): 128x128 and
+# 64x128 with 8 warps spill nowhere (194-255 registers), 64x128 with 4 warps spilled 408 B on sm_80.
+# dh_db_gate: 128-row blocks of 64 ranks (162-252 registers, no spills; a 64-row block spilled 192 B
+# on sm_80, and every 128-rank block spilled 80-7200 B, with the gate tile held in registers twice
+# as large), so a plugin of more than 64 ranks takes the PARTIAL path.
+WIDE_GATE_TILES = [(128, 128, 64, 8, 4), (64, 128, 64, 8, 4)]
 
 
-def _gate_gemm_tiles(M, N):
+def _gate_gemm_tiles(M, N, router_acc=False):
+    if router_acc:  # rank tiles, each with its rows' logits
+        if INTERPRET:  # several column tiles on the tests' small ranks
+            return [_tile(16, 16, 16, 4, 1, group_m=2)]
+        return [_tile(16, 128, 32, 4, 2)] if M <= 16 else [_tile(*t) for t in WIDE_GATE_TILES]
     width = max(16, triton.next_power_of_2(N))
     if INTERPRET:
         return [_tile(16, width, 16, 4, 1, group_m=2)]
     return [_tile(16, width, 32, 4, 2) if M <= 16 else _tile(128, width, 64, 8, 4)]
 
-
-def _forward_gate_in_epilogue(rank: int, experts: int, dropout: float) -> bool:
-    return _gate_in_epilogue(rank, experts) and dropout == 0
 
 
 def _check_launch(x, R, dropouts):
@@ -927,6 +1036,54 @@ def _check_launch(x, R, dropouts):
 # ----------------------------------------------------------------------------------------------
 # 4. Launchers: the whole forward and the whole backward of one layer
 # ----------------------------------------------------------------------------------------------
+
+
+def _grad_accumulators(a_shapes, b_shapes, r_shapes, params, device):
+    """Zeroed float32 accumulators for every plugin's dA, dB, drouter. One buffer (one zero fill)
+    when every parameter is cast afterwards (not float32); otherwise one each, since the op's
+    outputs may not alias each other."""
+    shapes = [*a_shapes, *b_shapes, *r_shapes]
+    if all(t.dtype != torch.float32 for t in params):
+        sizes = [a * b for a, b in shapes]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        grads = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    else:
+        grads = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
+    P = len(a_shapes)
+    return grads[:P], grads[P : 2 * P], grads[2 * P :]
+
+
+@triton.jit
+def _cast_grads_kernel(a_ptr, b_ptr, r_ptr, da_ptr, db_ptr, dr_ptr, n_a, n_b, n_r, BLOCK: tl.constexpr):
+    """One plugin's float32 gradient accumulators cast to its parameters' dtypes in one launch: the
+    programs cover the n_a + n_b + n_r elements of dA, dB, drouter one after another."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_a = offs < n_a
+    in_b = (offs >= n_a) & (offs < n_a + n_b)
+    in_r = (offs >= n_a + n_b) & (offs < n_a + n_b + n_r)
+    tl.store(da_ptr + offs, tl.load(a_ptr + offs, mask=in_a).to(da_ptr.dtype.element_ty), mask=in_a)
+    o = offs - n_a
+    tl.store(db_ptr + o, tl.load(b_ptr + o, mask=in_b).to(db_ptr.dtype.element_ty), mask=in_b)
+    o = offs - n_a - n_b
+    tl.store(dr_ptr + o, tl.load(r_ptr + o, mask=in_r).to(dr_ptr.dtype.element_ty), mask=in_r)
+
+
+def _cast_grads(accs, params):
+    """The gradients (dA, dB, drouter) in their parameters' dtypes from the float32 accumulators
+    ``accs``: one launch when all three need a cast, none when all are float32."""
+    if any(p.dtype == torch.float32 for p in params):  # separate accumulators (``_grad_accumulators``)
+        return [g.to(p.dtype) for g, p in zip(accs, params)]  # no copy for float32
+    outs = [_empty(p.shape, p.dtype, p.device) for p in params]
+    sizes = [g.numel() for g in accs]
+    block = 1024
+
+    def grid(meta):
+        return (triton.cdiv(sum(sizes), meta["BLOCK"]),)
+
+    args = dict(a_ptr=accs[0], b_ptr=accs[1], r_ptr=accs[2], da_ptr=outs[0], db_ptr=outs[1], dr_ptr=outs[2],
+                n_a=sizes[0], n_b=sizes[1], n_r=sizes[2])
+    _run(Launch("cast_grads", _cast_grads_kernel, grid, args, {}, [dict(BLOCK=block, num_warps=4, num_stages=1)], ()))
+    return outs
 
 
 def _choose_strategy(role, device, key, run):
@@ -991,10 +1148,13 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
     N = B.shape[0]
     _check_launch(x, R, dropouts)
     dt, dev = x.dtype, x.device
-    dB = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_dw else None
+    if need_dw:  # float32 accumulators, one zero fill when all three are cast at the end
+        (dA,), (dB,), (drouter,) = _grad_accumulators([(R, D)], [(N, R)], [(K, D)], [A, B, router], dev)
+    else:
+        dA = dB = drouter = None
     dul = _empty((T, padded(R + K)), dt, dev)
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-    if len(ranks) == 1 and _gate_in_epilogue(R, K):  # the gate backward in the dy pass's epilogue: no dh
+    if len(ranks) == 1 and _backward_gate_in_epilogue(R, K):  # the gate backward in the dy pass's epilogue: no dh
         gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
         dh_db(dy, B, h, dul, dB, dot_dtype=dt, gate=gate, ul=ul)
     else:
@@ -1023,13 +1183,10 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
         how = "cublas" if weight is None else _choose_strategy(
             "dx", dev, (tuning.token_bucket(T), N, D, R, str(dt)), dx_product)
         dx = dx_product(how)
-    dA = drouter = None
     if need_dw:
-        dA = torch.zeros((R, D), dtype=torch.float32, device=dev)
-        drouter = torch.zeros((K, D), dtype=torch.float32, device=dev)
         gemm("dar", dA, dul[:, : R + K].t(), x.t(), out2=drouter, atomic=True, tokens=T, dot_dtype=dt,
              tiles=DAR_TILES)
-        dA, dB, drouter = dA.to(A.dtype), dB.to(B.dtype), drouter.to(router.dtype)  # no copy for float32
+        dA, dB, drouter = _cast_grads((dA, dB, drouter), (A, B, router))
     return dx, dA, dB, drouter
 
 
@@ -1120,21 +1277,6 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
     return y_product(how), ul[:, :width], h[:, :r_width]
 
 
-def _grad_accumulators(a_shapes, b_shapes, r_shapes, params, device):
-    """Zeroed float32 accumulators for every plugin's dA, dB, drouter. One buffer (one zero fill)
-    when every parameter is cast afterwards (not float32); otherwise one each, since the op's
-    outputs may not alias each other."""
-    shapes = [*a_shapes, *b_shapes, *r_shapes]
-    if all(t.dtype != torch.float32 for t in params):
-        sizes = [a * b for a, b in shapes]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        grads = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
-    else:
-        grads = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
-    P = len(a_shapes)
-    return grads[:P], grads[P : 2 * P], grads[2 * P :]
-
-
 def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks, experts, scales, dropouts, seed,
                      need_dx=True, need_dw=True):
     """``hlora_backward`` for a mixed batch grouped by plugin -> (dx [T, D] or None, [dA_p], [dB_p],
@@ -1146,7 +1288,7 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
     Tr = sum(counts)
     segs = _segments(counts)
     _check_launch(x, max(ranks), dropouts)
-    separate = [p for p, _, _ in segs if not _gate_in_epilogue(ranks[p], experts[p])]
+    separate = [p for p, _, _ in segs if not _backward_gate_in_epilogue(ranks[p], experts[p])]
     # dh only for the plugins whose gate backward is a kernel of its own
     dh = _empty((Tr, padded(max(ranks))), torch.float32, dev) if separate else None
     dul = _empty((Tr, padded(max(r + k for r, k in zip(ranks, experts)))), dt, dev)
@@ -1202,7 +1344,6 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
             R_p, k_p = ranks[p], experts[p]
             gemm("dar", dAs[p], dul[s : s + n, : R_p + k_p].t(), x.t(), out2=drouters[p], atomic=True, tokens=n,
                  dot_dtype=dt, tiles=DAR_TILES, idx=order[s : s + n], idx_on=("b1k",))
-        dAs = [g.to(a.dtype) for g, a in zip(dAs, As)]
-        dBs = [g.to(b.dtype) for g, b in zip(dBs, Bs)]
-        drouters = [g.to(r.dtype) for g, r in zip(drouters, routers)]
+        grads = [_cast_grads(accs, params) for accs, params in zip(zip(dAs, dBs, drouters), zip(As, Bs, routers))]
+        dAs, dBs, drouters = (list(g) for g in zip(*grads))
     return dx, dAs, dBs, drouters

@@ -634,7 +634,7 @@ def test_grouped_launches_do_each_plugins_rank_work_on_its_own_tokens(gate, monk
     no rank work (only the base product). Every plugin here fits the gate epilogues; ``kernels``
     narrows the epilogue's limit so that all of them take the gate kernels instead."""
     if gate == "kernels":
-        monkeypatch.setattr(fused_linear, "GATE_EPILOGUE_MAX", 0)
+        monkeypatch.setattr(fused_linear, "EPILOGUE_MAX_EXPERTS", 0)
     ranks, experts, counts, T, D, N = (8, 12, 4), (2, 3, 4), (5, 0, 3), 10, 19, 23
     meta = dict(device="meta")
     x, W, dy = torch.empty(T, D, **meta), torch.empty(N, D, **meta), torch.empty(T, N, **meta)
@@ -727,7 +727,7 @@ def test_layer_mixed_batch_runs_grouped_on_the_plugins_own_parameters(monkeypatc
 
 
 # ----------------------------------------------------------------------------------------------
-# the gate in the GEMM epilogues: a plugin whose R_p + k_p columns fit one tile
+# the gate in the GEMM epilogues
 # ----------------------------------------------------------------------------------------------
 
 
@@ -738,55 +738,79 @@ def _recorded_roles(ranks, experts, T=40, grouped=False, dropout=0.0):
 
 
 def test_gate_epilogue_is_chosen_by_shape():
-    """One plugin of R + k <= 128 columns (the M3 comprehension plugin, 64 + 4): the gate runs in the
-    UL GEMM's epilogue and its backward in dh_db's, with one tile spanning all R + k columns (with
-    dropout the forward keeps the gate kernel: its epilogue spilled); a plugin of 256 + 4 keeps the
-    gate kernels; grouped, each plugin is decided alone and the gate kernels cover only the wide
-    plugin's segment; stacked plugins keep the gate kernels."""
+    """One plugin (the M3 comprehension plugin, 64 + 4; the generation plugin, 256 + 4): the gate
+    runs in the UL GEMM's epilogue and its backward in dh_db's, no gate launch. 64 + 4 columns fit
+    one UL tile; the 256 rank columns of the wider plugin are tiled, each tile recomputing the 4
+    logits (ROUTER_ACC), and its 256 ranks span four dy-pass rank blocks, which leave their shares
+    of the per-expert sums to one small gate_logits launch. With dropout the forward keeps the gate
+    kernel (its epilogue spilled); the three weight gradients share one zero fill and one cast
+    launch; grouped, each plugin is decided alone; stacked plugins keep the gate kernels."""
     launches = _recorded_roles((64,), (4,))
-    assert [l.role for l in launches] == ["ul_gate", "y_fused", "dh_db_gate", "dx_fused", "dar"]
-    ul = launches[0]
-    assert ul.consts["GATE"] and not ul.consts["GATE_DROPOUT"] and ul.consts["K_PAD"] == 4
-    assert [l.role for l in _recorded_roles((64,), (4,), dropout=0.1)] == [
-        "ul", "gate_fwd", "y_fused", "dh_db_gate", "dx_fused", "dar"]
+    assert [l.role for l in launches] == ["ul_gate", "y_fused", "dh_db_gate", "dx_fused", "dar", "cast_grads"]
+    ul, dh = launches[0], launches[2]
+    assert ul.consts["GATE"] and not ul.consts["ROUTER_ACC"] and not ul.consts["GATE_DROPOUT"]
+    assert ul.consts["K_PAD"] == 4 and not dh.consts["PARTIAL"]
+    assert [l.role for l in _recorded_roles((64,), (4,), dropout=0.1)][:2] == ["ul", "gate_fwd"]
     assert all(t["BLOCK_N"] >= 68 for t in ul.tiles) and all(ul.grid(t)[0] == -(-40 // t["BLOCK_M"]) for t in ul.tiles)
-    dh = launches[2]
     assert all(t["BLOCK_R"] >= 64 for t in dh.tiles) and dh.args["dh_ptr"].shape[1] == fused_linear.padded(68)
-    assert [l.role for l in _recorded_roles((256,), (4,))] == ["ul", "gate_fwd", "y_fused", "dh_db", "gate_bwd",
-                                                              "dx_fused", "dar"]
+    cast = launches[-1]
+    assert cast.args["n_a"] + cast.args["n_b"] + cast.args["n_r"] == 64 * 24 + 20 * 64 + 4 * 24
+
+    wide = _recorded_roles((256,), (4,))
+    assert [l.role for l in wide] == ["ul_gate", "y_fused", "dh_db_gate", "gate_logits", "dx_fused", "dar",
+                                      "cast_grads"]
+    ul, dh, logits = wide[0], wide[2], wide[3]
+    assert ul.consts["ROUTER_ACC"] and ul.consts["K_PAD"] == 16 and ul.args["N"] == ul.args["N_SPLIT"] == 256
+    assert all(t["BLOCK_N"] <= 128 for t in ul.tiles)  # several rank tiles per row block
+    assert dh.consts["PARTIAL"] and all(t["BLOCK_R"] == 64 for t in dh.tiles)
+    assert logits.args["BLOCKS"] == 4 and dh.args["dg_ptr"] is logits.args["dg_ptr"]
+
     grouped = _recorded_roles((64, 256), (4, 4), grouped=True)
     assert [l.role for l in grouped if l.role not in ("y_fused", "dx_fused", "dar")] == [
-        "ul_gate", "ul", "gate_fwd", "dh_db_gate", "dh_db", "gate_bwd"]
-    gate_fwd = next(l for l in grouped if l.role == "gate_fwd")
-    assert gate_fwd.grid({"BLOCK_T": 4}) == (5, 1)  # plugin 1's 20 rows only
-    assert [l.args["GATE_Q"] for l in grouped if l.role in ("ul_gate", "dh_db_gate")] == [0, 0]
-    assert "ul_gate" not in [l.role for l in _recorded_roles((8, 12), (2, 3))]  # stacked: columns not adjacent
+        "ul_gate", "ul_gate", "dh_db_gate", "dh_db_gate", "gate_logits", "cast_grads", "cast_grads"]
+    assert [l.args["GATE_Q"] for l in grouped if l.role in ("ul_gate", "dh_db_gate", "gate_logits")] == [0, 1, 0, 1, 1]
+    assert next(l for l in grouped if l.role == "gate_logits").grid({"BLOCK_T": 4}) == (5,)  # plugin 1's 20 rows
+    stacked = [l.role for l in _recorded_roles((8, 12), (2, 3))]  # columns not adjacent
+    assert "ul_gate" not in stacked and "gate_fwd" in stacked and "gate_bwd" in stacked
 
 
 EPILOGUE_CASES = {
-    # name: (T, D, N, ranks, experts, scales, routing (None: one plugin, no routing tensor), base)
-    "routed-odd": (9, 19, 23, (15,), (5,), (1.5,), [0, -1, 0, 0, -1, 0, 0, 0, -1], "weight"),
-    "one-token": (1, 21, 17, (12,), (3,), (2.0,), None, "weight"),
-    "trainable-module-base": (10, 19, 23, (8,), (4,), (0.5,), None, "module"),
+    # name: (T, D, N, ranks, experts, scales, routing (None: one plugin, no routing tensor), base,
+    #        the dy pass's rank block (GATE_BLOCK_R: smaller than the rank reaches PARTIAL))
+    "routed-odd": (9, 19, 23, (15,), (5,), (1.5,), [0, -1, 0, 0, -1, 0, 0, 0, -1], "weight", 64),
+    "one-token": (1, 21, 17, (12,), (3,), (2.0,), None, "weight", 64),
+    "trainable-module-base": (10, 19, 23, (8,), (4,), (0.5,), None, "module", 64),
     "grouped-empty-and-unrouted": (11, 21, 17, (4, 12, 6), (1, 3, 2), (1.0, 0.5, 3.0),
-                                   [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0], "weight"),
-    "grouped-one-wide-plugin": (9, 19, 23, (8, 126), (2, 3), (2.0, 0.5), [1, 0, 0, -1, 1, 0, 1, 1, 0], "weight"),
+                                   [2, 0, -1, 2, 2, 0, -1, 0, 2, 2, 0], "weight", 64),
+    # experts of 6 ranks across rank blocks of 16: the shares of dg split experts
+    "partial-routed-odd": (9, 19, 23, (36,), (6,), (1.5,), [0, -1, 0, 0, -1, 0, 0, 0, -1], "weight", 16),
+    # 130 + 5 columns: rank tiles with recomputed logits forward, partial rank blocks backward
+    "wide-one-plugin": (7, 19, 23, (130,), (5,), (0.5,), None, "weight", 16),
+    "grouped-one-wide-plugin": (9, 19, 23, (8, 126), (2, 3), (2.0, 0.5), [1, 0, 0, -1, 1, 0, 1, 1, 0], "weight", 16),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name", list(EPILOGUE_CASES))
-def test_gate_epilogue_matches_float64(name, dtype):
+def test_gate_epilogue_matches_float64(name, dtype, monkeypatch):
     """Forward and every gradient through the epilogue path (float32 adapter weights rounded to x's
     dtype after their loads), poisoned outputs; with a trainable base module its weight and bias
     gradients too; a plugin without tokens gets exactly zero gradients."""
-    T, D, N, ranks, experts, scales, routing, base = EPILOGUE_CASES[name]
+    T, D, N, ranks, experts, scales, routing, base, block_r = EPILOGUE_CASES[name]
+    monkeypatch.setattr(fused_linear, "GATE_BLOCK_R", block_r)
     grouped = len(ranks) > 1
     case = make_case(T, D, N, ranks, experts, dtype)
     tp = torch.tensor(routing, device=DEV) if routing is not None else None
-    roles = [l.role for l in _recorded_roles(ranks, experts, T=T, grouped=grouped, dropout=0.0)]
-    assert "ul_gate" in roles and "dh_db_gate" in roles
-    assert ("gate_fwd" in roles) == (name == "grouped-one-wide-plugin")
+    launches = _recorded_roles(ranks, experts, T=T, grouped=grouped, dropout=0.0)
+    roles = [l.role for l in launches]
+    assert "gate_fwd" not in roles and "gate_bwd" not in roles
+    uls = [l for l in launches if l.role == "ul_gate"]
+    dhs = [l for l in launches if l.role == "dh_db_gate"]
+    assert len(uls) == len(dhs) == len(ranks)  # the plan shares the tokens evenly: every plugin has some
+    for p, ul, dh in zip(range(len(ranks)), uls, dhs):  # the paths the case's name promises
+        assert ul.consts["ROUTER_ACC"] == (ranks[p] + experts[p] > 128)
+        assert dh.consts["PARTIAL"] == (ranks[p] > block_r)
+    assert roles.count("gate_logits") == sum(r > block_r for r in ranks)
     module, case_run = module_base(case, trainable=True) if base == "module" else (None, case)
     y, w, grads = (run_grouped if grouped else run)(case_run, ranks, experts, scales, tp)
     assert_matches_reference(y, w, grads, case, ranks, experts, scales, tp, dtype)

@@ -127,7 +127,7 @@ def test_cli_writes_liger_rows_with_bounds(tmp_path):
 @pytest.mark.parametrize("strategy, plan, grouped", [
     ("fused", rl.fused_plan, False), ("cublas", rl.cublas_plan, False),
     ("fused", rl.fused_grouped_plan, True), ("cublas", rl.cublas_grouped_plan, True)])
-@pytest.mark.parametrize("ranks, experts", [((64,), (4,)), ((64, 256), (4, 4))])
+@pytest.mark.parametrize("ranks, experts", [((64,), (4,)), ((256,), (4,)), ((64, 256), (4, 4))])
 def test_built_plans_list_the_triton_launches_the_launchers_make(strategy, plan, grouped, ranks, experts):
     """The as-built plans against what kernels/fused_linear.py's launchers record for one layer:
     stacked (masked) and grouped mixed batches, the tokens split evenly."""
