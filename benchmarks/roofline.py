@@ -23,12 +23,17 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
   in fp32, dB by fp32 atomics), gate-backward kernel, dx = [dy, dUL] @ [W0; A; router],
   torch.zeros(dA, drouter), d[A; router] by fp32 atomics, three casts to the parameters' bf16 (none
   for fp32 parameters). Mixed batches masked.
+- ``fused_56113a5``: ``fused_43b5281``, except that one plugin whose R + k columns fit a 128-wide
+  tile (R=64: 68 -> 128; not R=256) has its gate in the UL GEMM's epilogue (``ul_gate``: UL and h
+  from the accumulator, no gate launch, no UL read back from HBM) and its gate backward in the
+  dh_db kernel's (``dh_db_gate``: dUL written, no fp32 dh).
 - ``fused``: kernels/fused_linear.py as built (kernels/README.md's launch table; its launchers
-  ``hlora_forward`` / ``hlora_backward``, strategy ``fused``): ``fused_43b5281``, except that one
-  plugin whose R + k columns fit a 128-wide tile (R=64: 68 -> 128; not R=256) has its gate in the
-  UL GEMM's epilogue (``ul_gate``: UL and h from the accumulator, no gate launch, no UL read back
-  from HBM) and its gate backward in the dh_db kernel's (``dh_db_gate``: dUL written, no fp32 dh).
-  Dropout 0, as everywhere here (with dropout the forward keeps the gate kernel: its epilogue spilled).
+  ``hlora_forward`` / ``hlora_backward``, strategy ``fused``): one plugin of up to 32 experts has
+  both gate epilogues at any rank (a plugin wider than a tile: rank tiles of 128 columns, each
+  recomputing the logits in a 16-wide dot; more than 64 ranks: the dy pass's rank blocks leave
+  per-expert shares and a ``gate_logits`` launch writes dlogits); one zero fill and one
+  ``cast_grads`` launch for dA, dB, drouter. Stacked plugins keep the gate kernels. Dropout 0, as
+  everywhere here (with dropout the forward keeps the gate kernel: its epilogue spilled).
 - ``cublas``: the same rank-space launches as ``fused``; the adapter GEMM writes its product (+ bias) into y and
   dx first, then cuBLAS accumulates the base into them (``addmm_``, beta = 1: the extra C read
   hides under the compute-bound GEMM), as built.
@@ -36,9 +41,10 @@ plan here (``fused`` and ``cublas`` are the two strategies of kernels/fused_line
   item 5, ``grouped_forward`` / ``grouped_backward``): per plugin segment (its share of the tokens,
   rows read and written through the routing's sort permutation) the ul (ul_gate), y / y_adapter,
   dh_db (dh_db_gate), dx / dx_adapter and d[A; router] launches on its own tensors (each reads
-  its W0 again: free at the compute-bound roofline), one gate and one gate-backward launch over
-  the segments of the plugins too wide for the epilogues (none if all fit), the unrouted tokens' base product, one zero fill per mixed-width rank buffer and
-  one for all the gradients' fp32 accumulators, one cast per gradient. One plugin: the plain
+  its W0 again: free at the compute-bound roofline), a ``gate_logits`` launch after the dy pass of
+  each plugin wider than 64 ranks, one gate and one gate-backward launch over the segments of the
+  plugins of more than 32 experts (none here), the unrouted tokens' base product, one zero fill per mixed-width rank buffer and
+  one for all the gradients' fp32 accumulators, one cast launch per two plugins. One plugin: the plain
   plans (the launchers stack nothing then).
 - ``fused_epilogue``: issue 11's target: the gate in the UL GEMM's epilogue, the gate backward in
   the dy pass's epilogue (no fp32 dh round trip), one zero and one cast launch, grouped batches.
@@ -467,8 +473,9 @@ def _grouped_plan(p: Problem, strategy: str) -> list:
         bwd.append(gemm("bwd dx += dy W0 (cuBLAS addmm_, beta=1)", T, D, N, c_in=ACT))
     bwd += [Launch(f"bwd p{i} dar: d[A_p; router_p] += dUL_p^T x[idx] (fp32 atomics)", 2.0 * D * t * pad16(r + k),
                    t * (r + k) * ACT + t * D * ACT + (r + k) * D * F32, "dar") for i, (t, r, k) in enumerate(segs)]
-    bwd += [Launch(f"bwd p{i} cast_grads: dA_p, dB_p, drouter_p to the parameter dtype", 0.0,
-                   ((r + k) * D + N * r) * (F32 + ACT), "cast_grads") for i, (_, r, k) in enumerate(segs)]
+    per_plugin = [(r + k) * D + N * r for _, r, k in segs]  # dA_p, dB_p, drouter_p elements: 3 gradients each
+    bwd += [Launch(f"bwd cast_grads: plugins {i}-{i + 1}'s gradients to the parameter dtype (up to 6 a launch)", 0.0,
+                   sum(per_plugin[i : i + 2]) * (F32 + ACT), "cast_grads") for i in range(0, len(segs), 2)]
     return fwd + bwd
 
 

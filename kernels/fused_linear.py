@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from typing import Callable, Optional
 
@@ -411,12 +412,12 @@ def _gate_spans_tile(rank: int, experts: int) -> bool:
     return triton.next_power_of_2(rank + experts) <= GATE_EPILOGUE_MAX
 
 
-def _forward_gate_in_epilogue(rank: int, experts: int, dropout: float) -> bool:
+def _forward_gate_in_epilogue(experts: int, dropout: float) -> bool:
     """Whether the UL GEMM writes h (no gate_fwd launch): not with dropout (its Philox tile spills, section 4)."""
     return dropout == 0 and experts <= EPILOGUE_MAX_EXPERTS
 
 
-def _backward_gate_in_epilogue(rank: int, experts: int) -> bool:
+def _backward_gate_in_epilogue(experts: int) -> bool:
     """Whether the dy pass writes dUL (no fp32 dh, no gate_bwd launch; a plugin wider than one rank
     block adds a small ``gate_logits`` launch)."""
     return experts <= EPILOGUE_MAX_EXPERTS
@@ -435,8 +436,9 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
     naming what it indexes: ``"a1"`` (A1's rows), ``"c"`` (the rows of out and cin), ``"b1k"``
     (B1's K index): one plugin's row segment of a grouped batch; M (or K1) is then ``len(idx)``.
     ``gate`` (a ``Gate``): out is one plugin's UL = x [A_p; router_p]^T (float32, n_split = R_p,
-    contiguous rows) and the epilogue also writes h = gate(UL) into ``h`` [M, R_p] (the tile spans
-    all N columns)."""
+    contiguous rows) and the epilogue also writes h = gate(UL) into ``h`` [M, R_p] (one tile spans
+    all N columns, or, for a wider plugin, the tiles cover its R_p ranks and each recomputes its
+    rows' logits: ROUTER_ACC)."""
     if (idx is None) != (not idx_on) or not set(idx_on) <= {"a1", "c", "b1k"}:
         raise ValueError(f"idx_on={idx_on!r} needs an index tensor and names only a1, c, b1k")
     if gate is not None and (h is None or out.dtype != torch.float32 or out.stride(1) != 1 or b1x is None
@@ -533,9 +535,10 @@ def gemm(role, out, a1, b1, *, tokens, b1x=None, n_split=0, a2=None, b2=None, a3
 # Grid: token blocks x rank chunks (rank chunk fastest, so the programs reading one dy block run
 # together and share it in L2). Each program keeps its [BLOCK_T, BLOCK_R] block of dh in registers
 # over the whole N loop (no split, no partials) and adds each [BLOCK_N, BLOCK_R] product dy^T h into
-# the float32 dB accumulator with atomics (dB, N x R floats, stays in L2). With ``GATE`` (a plugin
-# narrow enough, section 3) the one rank block holds all of the plugin's rank columns and the
-# epilogue turns dh into dUL (``_gate_backward``) instead of storing dh.
+# the float32 dB accumulator with atomics (dB, N x R floats, stays in L2). With ``GATE`` (one
+# plugin's B and h, section 3) the epilogue turns the dh block into dUL (``_gate_backward``) instead
+# of storing dh: the plugin's dlogits too when one rank block holds all its ranks, else (``PARTIAL``)
+# the block's share of the per-expert sums, slot pid_r of ``dg``.
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -579,7 +582,7 @@ def _dh_db_kernel(
             tl.atomic_add(db_ptr + n64[:, None] * stride_db + offs_r[None, :], part,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
     if GATE:  # plugin GATE_Q's rank columns: dh goes straight to dUL (dh_ptr), dg shares to slot pid_r
-        _gate_backward(acc, ul_ptr, dh_ptr, dg_ptr + pid_r * stride_dgc, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r,
+        _gate_backward(acc, ul_ptr, dh_ptr, dg_ptr + pid_r.to(tl.int64) * stride_dgc, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r,
                        T, stride_ul, stride_dh, stride_dgt, GATE_Q, GATE_R, seed, GATE_ROUTING, GATE_DROPOUT, K_PAD,
                        PARTIAL)
     else:
@@ -838,8 +841,10 @@ def _gate_logits_kernel(
     offs_e = tl.arange(0, K_PAD)
     mask = t_ok[:, None] & (offs_e < k_q)[None, :]
     dg = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-    for c in range(0, BLOCKS):
-        dg += tl.load(dg_ptr + c * stride_dgc + t64[:, None] * stride_dgt + offs_e[None, :], mask=mask, other=0.0)
+    shares = dg_ptr + t64[:, None] * stride_dgt + offs_e[None, :]
+    for _ in range(0, BLOCKS):
+        dg += tl.load(shares, mask=mask, other=0.0)
+        shares += stride_dgc
     _store_dlogits(g, dg, dul_ptr + t64[:, None] * stride_dul + (logit_col + offs_e)[None, :], mask)
 
 
@@ -1038,51 +1043,64 @@ def _check_launch(x, R, dropouts):
 # ----------------------------------------------------------------------------------------------
 
 
-def _grad_accumulators(a_shapes, b_shapes, r_shapes, params, device):
-    """Zeroed float32 accumulators for every plugin's dA, dB, drouter. One buffer (one zero fill)
-    when every parameter is cast afterwards (not float32); otherwise one each, since the op's
+def _grad_accumulators(shapes, params, device):
+    """Zeroed float32 accumulators of these shapes (the gradients of ``params``, in order) ->
+    (flat, [accumulators]): views of one buffer ``flat`` (one zero fill) when every parameter is
+    cast afterwards (none is float32); otherwise one buffer each and flat None, since the op's
     outputs may not alias each other."""
-    shapes = [*a_shapes, *b_shapes, *r_shapes]
     if all(t.dtype != torch.float32 for t in params):
         sizes = [a * b for a, b in shapes]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        grads = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
-    else:
-        grads = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
-    P = len(a_shapes)
-    return grads[:P], grads[P : 2 * P], grads[2 * P :]
+        return flat, [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    return None, [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
+
+
+CAST_GROUP = 6  # gradients per cast_grads launch: two plugins' dA, dB and drouter
 
 
 @triton.jit
-def _cast_grads_kernel(a_ptr, b_ptr, r_ptr, da_ptr, db_ptr, dr_ptr, n_a, n_b, n_r, BLOCK: tl.constexpr):
-    """One plugin's float32 gradient accumulators cast to its parameters' dtypes in one launch: the
-    programs cover the n_a + n_b + n_r elements of dA, dB, drouter one after another."""
+def _cast_into(dst_ptr, v, offs, lo, hi):
+    mine = (offs >= lo) & (offs < hi)
+    tl.store(dst_ptr + (offs - lo), v.to(dst_ptr.dtype.element_ty), mask=mine)
+
+
+@triton.jit
+def _cast_grads_kernel(src_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, e0, e1, e2, e3, e4, e5,
+                       BLOCK: tl.constexpr):
+    """Float32 gradient accumulators (one buffer) cast to up to six gradients in one launch:
+    gradient i is src[e_{i-1} : e_i] (e_{-1} = 0; an unused one has an empty range)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_a = offs < n_a
-    in_b = (offs >= n_a) & (offs < n_a + n_b)
-    in_r = (offs >= n_a + n_b) & (offs < n_a + n_b + n_r)
-    tl.store(da_ptr + offs, tl.load(a_ptr + offs, mask=in_a).to(da_ptr.dtype.element_ty), mask=in_a)
-    o = offs - n_a
-    tl.store(db_ptr + o, tl.load(b_ptr + o, mask=in_b).to(db_ptr.dtype.element_ty), mask=in_b)
-    o = offs - n_a - n_b
-    tl.store(dr_ptr + o, tl.load(r_ptr + o, mask=in_r).to(dr_ptr.dtype.element_ty), mask=in_r)
+    v = tl.load(src_ptr + offs, mask=offs < e5)
+    _cast_into(d0_ptr, v, offs, 0, e0)
+    _cast_into(d1_ptr, v, offs, e0, e1)
+    _cast_into(d2_ptr, v, offs, e1, e2)
+    _cast_into(d3_ptr, v, offs, e2, e3)
+    _cast_into(d4_ptr, v, offs, e3, e4)
+    _cast_into(d5_ptr, v, offs, e4, e5)
 
 
-def _cast_grads(accs, params):
-    """The gradients (dA, dB, drouter) in their parameters' dtypes from the float32 accumulators
-    ``accs``: one launch when all three need a cast, none when all are float32."""
-    if any(p.dtype == torch.float32 for p in params):  # separate accumulators (``_grad_accumulators``)
+def _cast_grads(flat, accs, params):
+    """The gradients in their parameters' dtypes from the float32 accumulators ``accs`` (views of
+    ``flat``, in its order): one launch per six gradients; without ``flat`` (some parameter is
+    float32) a cast each, none for float32."""
+    if flat is None:
         return [g.to(p.dtype) for g, p in zip(accs, params)]  # no copy for float32
     outs = [_empty(p.shape, p.dtype, p.device) for p in params]
-    sizes = [g.numel() for g in accs]
-    block = 1024
+    start = 0
+    for i in range(0, len(outs), CAST_GROUP):
+        group = outs[i : i + CAST_GROUP]
+        ends = list(itertools.accumulate(g.numel() for g in accs[i : i + CAST_GROUP]))
+        ends += [ends[-1]] * (CAST_GROUP - len(ends))
+        group += [group[0]] * (CAST_GROUP - len(group))  # unused: empty ranges
 
-    def grid(meta):
-        return (triton.cdiv(sum(sizes), meta["BLOCK"]),)
+        def grid(meta, n=ends[-1]):
+            return (triton.cdiv(n, meta["BLOCK"]),)
 
-    args = dict(a_ptr=accs[0], b_ptr=accs[1], r_ptr=accs[2], da_ptr=outs[0], db_ptr=outs[1], dr_ptr=outs[2],
-                n_a=sizes[0], n_b=sizes[1], n_r=sizes[2])
-    _run(Launch("cast_grads", _cast_grads_kernel, grid, args, {}, [dict(BLOCK=block, num_warps=4, num_stages=1)], ()))
+        args = dict(src_ptr=flat[start:], **{f"d{j}_ptr": d for j, d in enumerate(group)},
+                    **{f"e{j}": e for j, e in enumerate(ends)})
+        _run(Launch("cast_grads", _cast_grads_kernel, grid, args, {}, [dict(BLOCK=1024, num_warps=4, num_stages=1)],
+                    ()))
+        start += ends[-1]
     return outs
 
 
@@ -1108,11 +1126,11 @@ def hlora_forward(x, weight, bias, y_base, A, B, router, token_plugin, ranks, ex
     ul = _empty((T, padded(R + K)), torch.float32, dev)
     h = _empty((T, padded(R)), dt, dev)
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-    if len(ranks) == 1 and _forward_gate_in_epilogue(R, K, dropouts[0]):  # the gate in the UL GEMM's epilogue
+    if len(ranks) == 1 and _forward_gate_in_epilogue(K, dropouts[0]):  # the gate in the UL GEMM's epilogue
         gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
         gemm("ul_gate", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX,
              gate=gate, h=h)
-    else:  # stacked plugins (their columns are not adjacent) or a plugin wider than a tile
+    else:  # stacked plugins (their columns are not adjacent), dropout, or more than 32 experts
         gemm("ul", ul[:, : R + K], x, A, b1x=router, n_split=R, tokens=T, dot_dtype=dt, n_cap=_RANK_SIDE_MAX)
         if T > 0:
             _gate("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
@@ -1149,12 +1167,12 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
     _check_launch(x, R, dropouts)
     dt, dev = x.dtype, x.device
     if need_dw:  # float32 accumulators, one zero fill when all three are cast at the end
-        (dA,), (dB,), (drouter,) = _grad_accumulators([(R, D)], [(N, R)], [(K, D)], [A, B, router], dev)
+        flat, (dA, dB, drouter) = _grad_accumulators([(R, D), (N, R), (K, D)], [A, B, router], dev)
     else:
         dA = dB = drouter = None
     dul = _empty((T, padded(R + K)), dt, dev)
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev)
-    if len(ranks) == 1 and _backward_gate_in_epilogue(R, K):  # the gate backward in the dy pass's epilogue: no dh
+    if len(ranks) == 1 and _backward_gate_in_epilogue(K):  # the gate backward in the dy pass's epilogue: no dh
         gate = Gate(meta, scale, 0, K, token_plugin, R, seed, dropouts[0] > 0)
         dh_db(dy, B, h, dul, dB, dot_dtype=dt, gate=gate, ul=ul)
     else:
@@ -1186,7 +1204,7 @@ def hlora_backward(dy, x, weight, A, B, router, token_plugin, ul, h, ranks, expe
     if need_dw:
         gemm("dar", dA, dul[:, : R + K].t(), x.t(), out2=drouter, atomic=True, tokens=T, dot_dtype=dt,
              tiles=DAR_TILES)
-        dA, dB, drouter = _cast_grads((dA, dB, drouter), (A, B, router))
+        dA, dB, drouter = _cast_grads(flat, (dA, dB, drouter), (A, B, router))
     return dx, dA, dB, drouter
 
 
@@ -1232,7 +1250,7 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
         idx = order[s : s + n]
-        if _forward_gate_in_epilogue(R_p, k_p, dropouts[p]):
+        if _forward_gate_in_epilogue(k_p, dropouts[p]):
             gemm("ul_gate", ul[s : s + n, : R_p + k_p], x, As[p], b1x=routers[p], n_split=R_p, tokens=n, dot_dtype=dt,
                  n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",),
                  gate=Gate(meta, scale, p, k_p, None, r_width, seed, dropouts[p] > 0), h=h[s : s + n])
@@ -1241,7 +1259,7 @@ def grouped_forward(x, weight, bias, y_base, As, Bs, routers, order, counts, ran
                  n_cap=_RANK_SIDE_MAX, idx=idx, idx_on=("a1",))
     _grouped_gates("gate_fwd", _gate_fwd_kernel, dict(ul_ptr=ul, h_ptr=h, stride_ul=ul.stride(0), stride_h=h.stride(0)),
                    Tr, r_width, counts, ranks, experts, scales, dropouts, seed,
-                   lambda p: _forward_gate_in_epilogue(ranks[p], experts[p], dropouts[p]))
+                   lambda p: _forward_gate_in_epilogue(experts[p], dropouts[p]))
     N = Bs[0].shape[0]
     rest = order[Tr:]  # the unrouted tokens: the base alone
 
@@ -1288,14 +1306,17 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
     Tr = sum(counts)
     segs = _segments(counts)
     _check_launch(x, max(ranks), dropouts)
-    separate = [p for p, _, _ in segs if not _backward_gate_in_epilogue(ranks[p], experts[p])]
+    separate = [p for p, _, _ in segs if not _backward_gate_in_epilogue(experts[p])]
     # dh only for the plugins whose gate backward is a kernel of its own
     dh = _empty((Tr, padded(max(ranks))), torch.float32, dev) if separate else None
     dul = _empty((Tr, padded(max(r + k for r, k in zip(ranks, experts)))), dt, dev)
     dAs = dBs = drouters = None
     if need_dw:
-        dAs, dBs, drouters = _grad_accumulators([(r, D) for r in ranks], [(N, r) for r in ranks],
-                                                [(k, D) for k in experts], [*As, *Bs, *routers], dev)
+        params = [*As, *Bs, *routers]
+        flat, accs = _grad_accumulators([*((r, D) for r in ranks), *((N, r) for r in ranks), *((k, D) for k in experts)],
+                                        params, dev)
+        P = len(ranks)
+        dAs, dBs, drouters = accs[:P], accs[P : 2 * P], accs[2 * P :]
     meta, scale = _plugin_meta(ranks, experts, scales, dropouts, dev, counts=counts)
     for p, s, n in segs:
         R_p, k_p = ranks[p], experts[p]
@@ -1344,6 +1365,6 @@ def grouped_backward(dy, x, weight, As, Bs, routers, order, counts, ul, h, ranks
             R_p, k_p = ranks[p], experts[p]
             gemm("dar", dAs[p], dul[s : s + n, : R_p + k_p].t(), x.t(), out2=drouters[p], atomic=True, tokens=n,
                  dot_dtype=dt, tiles=DAR_TILES, idx=order[s : s + n], idx_on=("b1k",))
-        grads = [_cast_grads(accs, params) for accs, params in zip(zip(dAs, dBs, drouters), zip(As, Bs, routers))]
-        dAs, dBs, drouters = (list(g) for g in zip(*grads))
+        grads = _cast_grads(flat, [*dAs, *dBs, *drouters], params)
+        dAs, dBs, drouters = grads[:P], grads[P : 2 * P], grads[2 * P :]
     return dx, dAs, dBs, drouters

@@ -743,8 +743,8 @@ def test_gate_epilogue_is_chosen_by_shape():
     one UL tile; the 256 rank columns of the wider plugin are tiled, each tile recomputing the 4
     logits (ROUTER_ACC), and its 256 ranks span four dy-pass rank blocks, which leave their shares
     of the per-expert sums to one small gate_logits launch. With dropout the forward keeps the gate
-    kernel (its epilogue spilled); the three weight gradients share one zero fill and one cast
-    launch; grouped, each plugin is decided alone; stacked plugins keep the gate kernels."""
+    kernel (its epilogue spilled); the weight gradients share one zero fill and one cast launch
+    (two plugins' six too); grouped, each plugin is decided alone; stacked plugins keep the gate kernels."""
     launches = _recorded_roles((64,), (4,))
     assert [l.role for l in launches] == ["ul_gate", "y_fused", "dh_db_gate", "dx_fused", "dar", "cast_grads"]
     ul, dh = launches[0], launches[2]
@@ -754,7 +754,7 @@ def test_gate_epilogue_is_chosen_by_shape():
     assert all(t["BLOCK_N"] >= 68 for t in ul.tiles) and all(ul.grid(t)[0] == -(-40 // t["BLOCK_M"]) for t in ul.tiles)
     assert all(t["BLOCK_R"] >= 64 for t in dh.tiles) and dh.args["dh_ptr"].shape[1] == fused_linear.padded(68)
     cast = launches[-1]
-    assert cast.args["n_a"] + cast.args["n_b"] + cast.args["n_r"] == 64 * 24 + 20 * 64 + 4 * 24
+    assert [cast.args[f"e{j}"] for j in range(6)] == [64 * 24, 64 * 24 + 20 * 64] + [64 * 24 + 20 * 64 + 4 * 24] * 4
 
     wide = _recorded_roles((256,), (4,))
     assert [l.role for l in wide] == ["ul_gate", "y_fused", "dh_db_gate", "gate_logits", "dx_fused", "dar",
@@ -767,7 +767,7 @@ def test_gate_epilogue_is_chosen_by_shape():
 
     grouped = _recorded_roles((64, 256), (4, 4), grouped=True)
     assert [l.role for l in grouped if l.role not in ("y_fused", "dx_fused", "dar")] == [
-        "ul_gate", "ul_gate", "dh_db_gate", "dh_db_gate", "gate_logits", "cast_grads", "cast_grads"]
+        "ul_gate", "ul_gate", "dh_db_gate", "dh_db_gate", "gate_logits", "cast_grads"]  # one cast for both plugins
     assert [l.args["GATE_Q"] for l in grouped if l.role in ("ul_gate", "dh_db_gate", "gate_logits")] == [0, 1, 0, 1, 1]
     assert next(l for l in grouped if l.role == "gate_logits").grid({"BLOCK_T": 4}) == (5,)  # plugin 1's 20 rows
     stacked = [l.role for l in _recorded_roles((8, 12), (2, 3))]  # columns not adjacent
@@ -785,7 +785,9 @@ EPILOGUE_CASES = {
     # experts of 6 ranks across rank blocks of 16: the shares of dg split experts
     "partial-routed-odd": (9, 19, 23, (36,), (6,), (1.5,), [0, -1, 0, 0, -1, 0, 0, 0, -1], "weight", 16),
     # 130 + 5 columns: rank tiles with recomputed logits forward, partial rank blocks backward
-    "wide-one-plugin": (7, 19, 23, (130,), (5,), (0.5,), None, "weight", 16),
+    "wide-one-plugin": (37, 19, 23, (130,), (5,), (0.5,), None, "weight", 16),
+    # 32 experts of 5 ranks: a 32-wide logits tile in the rank tiles, experts across rank blocks
+    "wide-many-experts": (20, 21, 17, (160,), (32,), (1.0,), None, "weight", 16),
     "grouped-one-wide-plugin": (9, 19, 23, (8, 126), (2, 3), (2.0, 0.5), [1, 0, 0, -1, 1, 0, 1, 1, 0], "weight", 16),
 }
 
@@ -826,12 +828,16 @@ def test_gate_epilogue_matches_float64(name, dtype, monkeypatch):
         assert_idle_plugins_get_no_gradient(grads, ranks, experts, routing)
 
 
-def test_gate_epilogue_backward_recomputes_the_forwards_dropout_mask():
+@pytest.mark.parametrize("ranks, experts, block_r", [((12,), (3,), 64), ((36,), (6,), 16)], ids=["one-block", "partial"])
+def test_gate_epilogue_backward_recomputes_the_forwards_dropout_mask(ranks, experts, block_r, monkeypatch):
     """One plugin with a routing tensor and dropout: the forward's gate kernel draws the mask, the
-    backward's epilogue (dh_db_gate) recomputes it from the same Philox offsets: the gradients
-    equal float64 with the mask read from the forward."""
-    ranks, experts, scales, dropouts = (12,), (3,), (2.0,), (0.4,)
-    assert [l.role for l in _recorded_roles(ranks, experts, dropout=0.4)][2:4] == ["y_fused", "dh_db_gate"]
+    backward's epilogue (dh_db_gate, in one rank block or in several) recomputes it from the same
+    Philox offsets: the gradients equal float64 with the mask read from the forward."""
+    monkeypatch.setattr(fused_linear, "GATE_BLOCK_R", block_r)
+    scales, dropouts = (2.0,), (0.4,)
+    launches = _recorded_roles(ranks, experts, dropout=0.4)
+    assert [l.role for l in launches][2:4] == ["y_fused", "dh_db_gate"]
+    assert launches[3].consts["PARTIAL"] == (ranks[0] > block_r)
     keep, live, tp = _probe_mask(ranks, experts, scales, dropouts, T=24, seed=3)
     assert 0.4 < keep[live].mean().item() < 0.8
     assert_dropout_run_matches_mask(make_case(24, 19, 17, ranks, experts, torch.float32), ranks, experts, scales,
