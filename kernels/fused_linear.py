@@ -582,9 +582,9 @@ def _dh_db_kernel(
             tl.atomic_add(db_ptr + n64[:, None] * stride_db + offs_r[None, :], part,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
     if GATE:  # plugin GATE_Q's rank columns: dh goes straight to dUL (dh_ptr), dg shares to slot pid_r
-        _gate_backward(acc, ul_ptr, dh_ptr, dg_ptr + pid_r.to(tl.int64) * stride_dgc, tp_ptr, meta_ptr, scale_ptr, offs_t, offs_r,
-                       T, stride_ul, stride_dh, stride_dgt, GATE_Q, GATE_R, seed, GATE_ROUTING, GATE_DROPOUT, K_PAD,
-                       PARTIAL)
+        _gate_backward(acc, ul_ptr, dh_ptr, dg_ptr + pid_r.to(tl.int64) * stride_dgc, tp_ptr, meta_ptr, scale_ptr,
+                       offs_t, offs_r, T, stride_ul, stride_dh, stride_dgt, GATE_Q, GATE_R, seed, GATE_ROUTING,
+                       GATE_DROPOUT, K_PAD, PARTIAL)
     else:
         tl.store(dh_ptr + t64[:, None] * stride_dh + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
 
@@ -924,8 +924,8 @@ def _gate_logits(gate, ul, dg, dul, T):
         return (triton.cdiv(T, meta["BLOCK_T"]),)
 
     consts = dict(HAS_ROUTING=gate.token_plugin is not None, K_PAD=dg.shape[2])
-    _run(Launch("gate_logits", _gate_logits_kernel, grid, {n: args[n] for n in _gate_logits_kernel.arg_names if n in args},
-                consts, [tile], ()))
+    args = {name: args[name] for name in _gate_logits_kernel.arg_names if name in args}
+    _run(Launch("gate_logits", _gate_logits_kernel, grid, args, consts, [tile], ()))
 
 
 _META_CACHE: dict = {}
@@ -1025,7 +1025,6 @@ def _gate_gemm_tiles(M, N, router_acc=False):
     if INTERPRET:
         return [_tile(16, width, 16, 4, 1, group_m=2)]
     return [_tile(16, width, 32, 4, 2) if M <= 16 else _tile(128, width, 64, 8, 4)]
-
 
 
 def _check_launch(x, R, dropouts):
