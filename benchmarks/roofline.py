@@ -376,9 +376,8 @@ def _adapter_launches(p: Problem, grouped: bool, gate: str) -> dict:
         if gate == "built":
             out["zero"] = [one_zero]
             out["dy"] = dy_pass
-            out["cast"] = [elementwise("bwd cast_grads: dA, dB, drouter to the parameter dtype (one launch)",
-                                       read=(N * R + ar) * F32, write=(N * R + ar) * ACT)]
-            out["cast"] = [Launch(out["cast"][0].name, 0.0, out["cast"][0].bytes, "cast_grads")]
+            out["cast"] = [Launch("bwd cast_grads: dA, dB, drouter to the parameter dtype (one launch)", 0.0,
+                                  (N * R + ar) * (F32 + ACT), "cast_grads")]
         else:
             out["zero"] = [elementwise("bwd torch.zeros dB (fp32)", read=0, write=N * R * F32)]
             out["dy"] = dy_pass + [
